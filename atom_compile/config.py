@@ -1,0 +1,244 @@
+"""AtomConfig: every knob of the quantization, the named presets, and the size-adaptation rule.
+
+Element formats are short strings so that they read well in graph dumps:
+
+- ``"int2"`` .. ``"int8"``: symmetric integers in [-2^(b-1), 2^(b-1) - 1], scale = clip * absmax / qmax;
+- ``"fp4"``: FP4 e2m1 (values 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives), scale = clip * absmax / 6;
+- ``"fp16"``: not quantized (kept in the model's floating-point dtype); used for outliers;
+- ``None`` for a tensor that is not quantized at all (weights of the fp preset, activations of W4A16).
+
+The size-adaptation rule (``AtomConfig.resolve``), for a linear with K input channels, a requested group
+size g and n outlier channels:
+
+1. if (K - n) is a multiple of g, use (g, n) as asked;
+2. else, if ``adapt_to_model`` and there are outliers, keep g and drop the remainder from the outliers:
+   n' = n - ((K - n) mod g), as long as n' >= n / 2 (SmolLM2: K = 576, g = 128, n = 128 gives n' = 64,
+   so 512 normal channels in 4 groups of 128 and 64 INT8 outliers; its down_proj, K = 1536, keeps 128);
+3. else, if ``adapt_to_model``, keep n and halve g until it divides K - n (down to 16);
+4. otherwise raise ``ConfigError`` saying which numbers do not fit and what to change.
+
+Groups stay 128 wide where possible because the GPU kernels do one INT8 MMA step per 64-wide half-group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+INT_FORMATS = {f"int{b}" for b in range(2, 9)}
+ELEMENT_FORMATS = INT_FORMATS | {"fp4"}
+OUTLIER_FORMATS = {"int8", "fp16"}
+WEIGHT_METHODS = {"rtn", "gptq"}
+OUTLIER_METRICS = {"hessian", "abs_mean"}
+KV_BITS = {2, 4, 8}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be applied to the model as asked."""
+
+
+@dataclass(frozen=True)
+class LinearQuantSpec:
+    """How one linear layer is quantized, after the adaptation rule has been applied to its size."""
+
+    in_features: int
+    weight_format: str | None
+    act_format: str | None
+    group_size: int  # width of an INT4 group along K; equals n_normal for one group per row
+    n_outliers: int
+    outlier_format: str  # "int8" or "fp16"
+    weight_clip: float
+    act_clip: float
+    weight_method: str
+    weight_channel_group: int
+
+    @property
+    def n_normal(self) -> int:
+        return self.in_features - self.n_outliers
+
+    @property
+    def n_groups(self) -> int:
+        return self.n_normal // self.group_size
+
+
+@dataclass(frozen=True)
+class AtomConfig:
+    """Every knob of Atom's quantization; each one can be set on its own.
+
+    ``group_size=None`` means one group per row (per-channel weights, per-token activations).
+    """
+
+    name: str = "custom"
+    weight_format: str | None = "int4"
+    act_format: str | None = "int4"
+    group_size: int | None = 128
+    n_outliers: int = 128
+    outlier_format: str = "int8"
+    outlier_metric: str = "hessian"
+    weight_clip: float = 0.85
+    act_clip: float = 0.9
+    weight_method: str = "rtn"
+    weight_channel_group: int = 1
+    gptq_percdamp: float = 0.01
+    gptq_nsamples: int | None = None  # None: every calibration sequence
+    kv_bits: int | None = 4
+    kv_clip: float = 1.0
+    adapt_to_model: bool = True
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise ConfigError(f"AtomConfig({self.name!r}): {msg}")
+
+        if self.weight_format is not None and self.weight_format not in ELEMENT_FORMATS:
+            bad(f"weight_format {self.weight_format!r} is not one of {sorted(ELEMENT_FORMATS)} or None")
+        if self.act_format is not None and self.act_format not in ELEMENT_FORMATS:
+            bad(f"act_format {self.act_format!r} is not one of {sorted(ELEMENT_FORMATS)} or None")
+        if self.act_format is not None and self.weight_format is None:
+            bad("quantized activations need quantized weights (set weight_format)")
+        if self.outlier_format not in OUTLIER_FORMATS:
+            bad(f"outlier_format {self.outlier_format!r} is not one of {sorted(OUTLIER_FORMATS)}")
+        if self.outlier_metric not in OUTLIER_METRICS:
+            bad(f"outlier_metric {self.outlier_metric!r} is not one of {sorted(OUTLIER_METRICS)}")
+        if self.weight_method not in WEIGHT_METHODS:
+            bad(f"weight_method {self.weight_method!r} is not one of {sorted(WEIGHT_METHODS)}")
+        if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
+            bad(f"group_size must be an even number >= 2 or None, got {self.group_size}")
+        if self.n_outliers < 0:
+            bad(f"n_outliers must be >= 0, got {self.n_outliers}")
+        if self.n_outliers and self.weight_format is None:
+            bad("outlier channels only make sense with quantized weights")
+        for knob in ("weight_clip", "act_clip", "kv_clip"):
+            v = getattr(self, knob)
+            if not 0.0 < v <= 1.0:
+                bad(f"{knob} must be in (0, 1], got {v}")
+        if self.weight_channel_group < 1:
+            bad(f"weight_channel_group must be >= 1, got {self.weight_channel_group}")
+        if self.kv_bits is not None and self.kv_bits not in KV_BITS:
+            bad(f"kv_bits must be one of {sorted(KV_BITS)} or None, got {self.kv_bits}")
+        if not 0.0 <= self.gptq_percdamp < 1.0:
+            bad(f"gptq_percdamp must be in [0, 1), got {self.gptq_percdamp}")
+
+    # --------------------------------------------------------------- derived
+    @property
+    def quantizes_weights(self) -> bool:
+        return self.weight_format is not None
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.act_format is not None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether any pass reads calibration activations (outlier order or GPTQ Hessians)."""
+        return self.quantizes_weights and (self.n_outliers > 0 or self.weight_method == "gptq")
+
+    def replace(self, **changes) -> "AtomConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AtomConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown AtomConfig keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def resolve(self, in_features: int) -> LinearQuantSpec:
+        """Apply the size-adaptation rule (module docstring) to a linear with ``in_features`` inputs."""
+        K = in_features
+        n = self.n_outliers
+        if n >= K:
+            raise ConfigError(
+                f"{self.name}: {n} outlier channels do not fit a linear with {K} input channels; "
+                f"use n_outliers < {K}"
+            )
+        g = self.group_size if self.group_size is not None else K - n
+        if g > K - n:
+            if not self.adapt_to_model:
+                raise ConfigError(
+                    f"{self.name}: group_size {g} is larger than the {K - n} normal channels "
+                    f"({K} inputs - {n} outliers); use a smaller group_size or adapt_to_model=True"
+                )
+            g = K - n
+        if (K - n) % g:
+            if not self.adapt_to_model:
+                raise ConfigError(
+                    f"{self.name}: group_size {g} does not divide the {K - n} normal channels "
+                    f"({K} inputs - {n} outliers). Choose n_outliers so that {K} - n_outliers is a "
+                    f"multiple of {g}, pick another group_size, or set adapt_to_model=True"
+                )
+            remainder = (K - n) % g
+            if n and n - remainder >= n / 2:
+                n -= remainder
+            else:
+                while (K - n) % g:
+                    g //= 2
+                    if g < 16 or g % 2:
+                        raise ConfigError(
+                            f"{self.name}: no group size >= 16 divides the {K - n} normal channels "
+                            f"of a linear with {K} inputs; set group_size explicitly"
+                        )
+        return LinearQuantSpec(
+            in_features=K,
+            weight_format=self.weight_format,
+            act_format=self.act_format,
+            group_size=g,
+            n_outliers=n,
+            outlier_format=self.outlier_format,
+            weight_clip=self.weight_clip,
+            act_clip=self.act_clip,
+            weight_method=self.weight_method,
+            weight_channel_group=self.weight_channel_group,
+        )
+
+
+PRESETS: dict[str, AtomConfig] = {
+    # No quantization at all: the same graphs and runtime, fp weights, activations and KV cache.
+    "fp": AtomConfig(
+        name="fp", weight_format=None, act_format=None, group_size=None, n_outliers=0, kv_bits=None
+    ),
+    # Plain round-to-nearest W4A4: per-channel weights, per-token activations, no outliers, no clipping.
+    "rtn-w4a4": AtomConfig(
+        name="rtn-w4a4", group_size=None, n_outliers=0, weight_clip=1.0, act_clip=1.0, kv_bits=None
+    ),
+    # SmoothQuant-style baseline without smoothing: per-channel INT8 weights, per-token INT8 activations.
+    "w8a8": AtomConfig(
+        name="w8a8", weight_format="int8", act_format="int8", group_size=None, n_outliers=0,
+        weight_clip=1.0, act_clip=1.0, kv_bits=None,
+    ),
+    # Weight-only INT4 with groups of 128 (GPTQ/AWQ-style storage), fp activations and KV cache.
+    "w4a16": AtomConfig(
+        name="w4a16", act_format=None, group_size=128, n_outliers=0, weight_clip=1.0, kv_bits=None
+    ),
+    # Atom as in the paper: 128 INT8 outliers, groups of 128, clipping 0.85 / 0.9, 4-bit KV, GPTQ.
+    "atom-w4a4": AtomConfig(name="atom-w4a4", weight_method="gptq"),
+    # The same with round-to-nearest weights (no calibration of the weights themselves).
+    "atom-w4a4-rtn": AtomConfig(name="atom-w4a4-rtn", weight_method="rtn"),
+    # The paper's W3A3 point.
+    "atom-w3a3": AtomConfig(name="atom-w3a3", weight_format="int3", act_format="int3", weight_method="gptq"),
+    # The paper's FP4 (e2m1) variant of the element type.
+    "atom-fp4": AtomConfig(name="atom-fp4", weight_format="fp4", act_format="fp4", weight_method="gptq"),
+}
+
+
+def get_config(name_or_config: str | AtomConfig, **overrides) -> AtomConfig:
+    """A preset by name (with optional knob overrides), or an AtomConfig as given."""
+    if isinstance(name_or_config, AtomConfig):
+        cfg = name_or_config
+    else:
+        if name_or_config not in PRESETS:
+            raise ConfigError(f"unknown preset {name_or_config!r}; presets: {', '.join(PRESETS)}")
+        cfg = PRESETS[name_or_config]
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    return cfg

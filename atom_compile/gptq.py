@@ -1,0 +1,68 @@
+"""GPTQ (Frantar et al., 2023) as Atom applies it, in the reordered column space.
+
+- Columns are processed left to right, act-order off (the outlier reorder replaces it).
+- Normal columns are quantized group by group; a group's scales are taken when the first column
+  of the group is reached, from the weights as the earlier columns' error updates left them.
+- The outlier columns (the last ``n_outliers``) receive the error compensation of every normal
+  column and are then quantized to INT8 per output row (or kept in float for "fp16" outliers).
+- The Hessian H = X^T X comes from the linear's inputs as the partially quantized model computes
+  them (see InsertQuantNodes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from atom_compile import quant
+from atom_compile.config import LinearQuantSpec
+
+
+def _inverse_hessian_cholesky(H: Tensor, W: Tensor, percdamp: float) -> Tensor:
+    """Upper Cholesky factor of H^-1 after damping; zeroes the weights of dead input channels."""
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    damp = percdamp * torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    for attempt in range(6):  # raise the damping tenfold until H is numerically positive definite
+        L, info = torch.linalg.cholesky_ex(H + (damp * 10**attempt) * eye)
+        if info == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    raise ValueError("GPTQ: the Hessian is not positive definite even after damping; use more calibration data")
+
+
+def gptq_quantize(W: Tensor, H: Tensor, spec: LinearQuantSpec, percdamp: float = 0.01):
+    """Quantize W [N, K] (columns reordered, outliers last) with GPTQ; returns the qtensor layout."""
+    W = W.detach().double().clone()
+    N, K = W.shape
+    Kn, g, r = spec.n_normal, spec.group_size, spec.weight_channel_group
+    fmt = spec.weight_format
+    Hinv = _inverse_hessian_cholesky(H.double(), W, percdamp)
+    blocksize = g * max(1, 128 // g)  # whole groups per block, so a group's scales see its updated columns
+
+    units = torch.zeros(N, Kn, dtype=torch.int8)
+    scales = torch.zeros(N // r, Kn // g, dtype=torch.float32)
+    for b0 in range(0, Kn, blocksize):
+        b1 = min(b0 + blocksize, Kn)
+        Wb = W[:, b0:b1].clone()
+        Err = torch.zeros_like(Wb)
+        Hb = Hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = b0 + i
+            if col % g == 0:
+                scales[:, col // g] = quant.group_scales(Wb[:, i : i + g].float(), fmt, g, spec.weight_clip, r)[:, 0]
+            s = scales[:, col // g].double()
+            if r > 1:
+                s = s.repeat_interleave(r)
+            u = quant.round_to_grid(Wb[:, i] / torch.where(s > 0, s, torch.ones_like(s)), fmt)
+            units[:, col] = u
+            err = (Wb[:, i] - u.double() * s) / Hb[i, i]
+            Wb[:, i:] -= err.unsqueeze(1) * Hb[i, i:].unsqueeze(0)
+            Err[:, i] = err
+        W[:, b0:b1] = Wb
+        W[:, b1:] -= Err @ Hinv[b0:b1, b1:]
+    q = quant.encode_codes(units, fmt, g)
+    outliers, outlier_scales = quant.quantize_outliers(W[:, Kn:].float(), spec.outlier_format, r)
+    return q, scales, outliers, outlier_scales

@@ -1,0 +1,119 @@
+"""The compiled model: embeddings, one lowered GraphModule per decoder layer, final norm, LM head, KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from atom_compile.kv_cache import KVCache
+from atom_compile.models import ArchInfo
+from atom_compile.ops import rms_norm_reference
+
+
+class AtomForCausalLM(nn.Module):
+    """A causal LM whose decoder layers are compiled Atom graphs.
+
+    ``model(input_ids)`` returns logits [B, T, vocab]. With ``cache=model.new_cache(B, max_len)``,
+    successive calls append to the model's own (quantized) KV cache: incremental decoding.
+    Embeddings, the final norm and the LM head stay in the model's floating-point dtype, as in Atom.
+    """
+
+    def __init__(
+        self,
+        arch: ArchInfo,
+        layers: list[fx.GraphModule],
+        embed_weight: Tensor,
+        norm_weight: Tensor,
+        lm_head_weight: Tensor,
+        rotary_emb: nn.Module,
+        config,
+        tokenizer=None,
+    ):
+        super().__init__()
+        self.arch = arch
+        self.layers = nn.ModuleList(layers)
+        self.embed_weight = nn.Parameter(embed_weight, requires_grad=False)
+        self.norm_weight = nn.Parameter(norm_weight, requires_grad=False)
+        tied = lm_head_weight.data_ptr() == embed_weight.data_ptr()
+        self.lm_head_weight = self.embed_weight if tied else nn.Parameter(lm_head_weight, requires_grad=False)
+        self.rotary_emb = rotary_emb
+        self.atom_config = config
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_weight.dtype
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        specs = [gm.meta["atom.kv_cache_spec"] for gm in self.layers]
+        return KVCache(specs, batch_size, self.arch.num_kv_heads, max_len, self.dtype, self.device)
+
+    def rotary(self, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return self.rotary_emb(hidden, positions)
+
+    @torch.no_grad()
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if cache is None:
+            cache = self.new_cache(B, T)
+        elif cache.batch_size != B:
+            raise ValueError(f"cache holds {cache.batch_size} sequences, input_ids has {B}")
+        window = self.arch.sliding_window
+        if window is not None and int(cache.seqlens.max()) + T > window:
+            raise NotImplementedError(
+                f"sequence longer than the model's sliding window ({window}); atom-compile's attention "
+                "has no sliding-window support yet"
+            )
+        positions = cache.seqlens.long().unsqueeze(1) + torch.arange(T, device=input_ids.device)
+        hidden = nn.functional.embedding(input_ids, self.embed_weight)
+        cos, sin = self.rotary(hidden, positions)
+        for layer, caches in zip(self.layers, cache.layers):
+            hidden = layer(hidden, cos, sin, cache.seqlens, *caches)
+        cache.advance(T)
+        hidden = rms_norm_reference(hidden, self.norm_weight, self.arch.rms_norm_eps, None)
+        return nn.functional.linear(hidden, self.lm_head_weight)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Greedy (temperature 0) or sampled continuation, one token per step through the KV cache."""
+        B, T = input_ids.shape
+        cache = self.new_cache(B, T + max_new_tokens)
+        logits = self(input_ids.to(self.device), cache)[:, -1]
+        out = [input_ids.to(self.device)]
+        finished = torch.zeros(B, dtype=torch.bool, device=self.device)
+        for _ in range(max_new_tokens):
+            if temperature > 0:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                nxt = logits.argmax(-1)
+            if eos_token_id is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
+                finished |= nxt == eos_token_id
+            out.append(nxt.unsqueeze(1))
+            if eos_token_id is not None and bool(finished.all()):
+                break
+            logits = self(nxt.unsqueeze(1), cache)[:, -1]
+        return torch.cat(out, dim=1)
+
+    def generate_text(self, prompt: str, max_new_tokens: int = 32, **kw) -> str:
+        """Decode a continuation of ``prompt`` with the bundled tokenizer."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass token ids to generate()")
+        ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+        out = self.generate(ids, max_new_tokens, eos_token_id=self.tokenizer.eos_token_id, **kw)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,5 @@
+"""Lowering: bind every ``atom`` op node of a layer graph to an implementation for its device."""
+
+from .lower import BACKENDS, LoweringError, lower, pick_backend
+
+__all__ = ["BACKENDS", "LoweringError", "lower", "pick_backend"]

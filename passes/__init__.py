@@ -1,0 +1,14 @@
+"""The graph passes of atom-compile, one class per file, in pipeline order."""
+
+from .base import AtomPass, PassContext, PassResult
+from .fuse_dequant_into_gemm import FuseDequantIntoGemm
+from .fuse_quant_into_norm import FuseQuantIntoNorm
+from .insert_quant_nodes import InsertQuantNodes
+from .outlier_analysis import OutlierAnalysis
+from .quantize_kv_cache import QuantizeKVCache
+from .reorder_channels import ReorderChannels
+
+__all__ = [
+    "AtomPass", "PassContext", "PassResult", "OutlierAnalysis", "ReorderChannels", "InsertQuantNodes",
+    "FuseQuantIntoNorm", "FuseDequantIntoGemm", "QuantizeKVCache",
+]

@@ -1,0 +1,150 @@
+"""InsertQuantNodes: quantize every linear's weights (RTN or GPTQ) and insert dynamic activation quantization.
+
+Requires: {"reordered"}
+Provides: {"quantized"}
+
+The result computes exactly the fake-quant reference: quantize, dequantize, float GEMM. One
+``quantize_act`` per linear input is shared by the linears that read it (q/k/v, gate/up)::
+
+    Before: %q = aten.linear(%n, %Wq)
+    After:  %xq = atom.quantize_act(%n, "int4", 128, 64, "int8", 0.9)      # (codes, scales, outliers, o_scales)
+            %xd = atom.dequantize_act(%xq[0], %xq[1], %xq[2], %xq[3], "int4", 128, "int8", float32)
+            %wd = atom.dequantize_weight(%q_proj_wq, %q_proj_ws, %q_proj_wo, %q_proj_wos, "int4", 128, "int8", 1, float32)
+            %q  = aten.linear(%xd, %wd)
+
+Weights are stored quantized (packed 4-bit codes, group scales, INT8 outlier columns and their
+per-row scales) and the float weight is dropped. With ``weight_method="gptq"`` the linears are
+quantized in graph order (q/k/v, o, gate/up, down), each from the Hessian of its input as the graph
+computes it after the earlier linears were quantized (activation quantization included).
+With fp activations (W4A16) only the weight side is inserted.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from atom_compile import quant
+from atom_compile.gptq import gptq_quantize
+
+from .base import AtomPass, PassResult, add_attr, atom, delete_attr_if_unused, get_attr_tensor
+from .outlier_analysis import linear_inputs
+
+
+def insert_multi_output(graph: fx.Graph, target, args, name: str) -> tuple[fx.Node, list[fx.Node]]:
+    """A call to an op returning a 4-tensor qtensor, plus the getitem nodes that unpack it."""
+    node = graph.call_function(target, args)
+    node._rename(name)
+    items = []
+    anchor = node
+    for i, part in enumerate(QTENSOR_PARTS):
+        with graph.inserting_after(anchor):
+            anchor = graph.call_function(operator.getitem, (node, i))
+        anchor._rename(f"{name}_{part}")
+        items.append(anchor)
+    return node, items
+
+
+QTENSOR_PARTS = ("codes", "scales", "outliers", "outlier_scales")
+
+
+class InsertQuantNodes(AtomPass):
+    requires = frozenset({"reordered"})
+    provides = frozenset({"quantized"})
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        cfg = self.ctx.config
+        if not cfg.quantizes_weights:
+            return PassResult(gm, False)
+        for input_name, linears in linear_inputs(gm).items():
+            x = linears[0].args[0]
+            K = get_attr_tensor(gm, linears[0].args[1]).shape[1]
+            spec = cfg.resolve(K)
+            H = self._hessian(gm, x.name, K) if spec.weight_method == "gptq" else None
+            dtype = get_attr_tensor(gm, linears[0].args[1]).dtype
+            x_in = x
+            if cfg.quantizes_activations:
+                with gm.graph.inserting_before(linears[0]):
+                    xq, items = insert_multi_output(
+                        gm.graph, atom.quantize_act.default,
+                        (x, spec.act_format, spec.group_size, spec.n_outliers, spec.outlier_format, spec.act_clip),
+                        f"{input_name}_quant",
+                    )
+                with gm.graph.inserting_after(items[-1]):
+                    x_in = gm.graph.call_function(
+                        atom.dequantize_act.default,
+                        (*items, spec.act_format, spec.group_size, spec.outlier_format, dtype),
+                    )
+                x_in._rename(f"{input_name}_dequant")
+                xq.meta["atom.qparams"] = _spec_meta(spec, "activation")
+            for lin in linears:
+                self._quantize_linear(gm, lin, x_in, spec, H)
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, True)
+
+    def _hessian(self, gm: fx.GraphModule, input_name: str, K: int) -> torch.Tensor:
+        """X^T X of a linear input over the calibration tokens, as the graph computes it now."""
+        calib = self.ctx.calibration
+        if calib is None:
+            raise ValueError("GPTQ needs calibration data; pass calib_data to atom_compile.compile")
+        H = torch.zeros(K, K, dtype=torch.float64)
+        nsamples = self.ctx.config.gptq_nsamples
+
+        def accumulate(_, x: torch.Tensor) -> None:
+            xf = x.detach().reshape(-1, K).float()
+            H.add_((xf.t() @ xf).double().cpu())
+
+        calib.run(gm, watch=[input_name], on_value=accumulate, max_sequences=nsamples)
+        return H
+
+    def _quantize_linear(self, gm, lin: fx.Node, x_in: fx.Node, spec, H) -> None:
+        w_node = lin.args[1]
+        W = get_attr_tensor(gm, w_node)
+        rows = W.shape[0]
+        if rows % spec.weight_channel_group:
+            raise ValueError(
+                f"weight_channel_group {spec.weight_channel_group} does not divide the {rows} rows of {lin.name}"
+            )
+        if H is not None:
+            qt = gptq_quantize(W.float(), H, spec, self.ctx.config.gptq_percdamp)
+        else:
+            qt = quant.quantize_rows(
+                W, spec.weight_format, spec.group_size, spec.n_outliers, spec.outlier_format,
+                spec.weight_clip, spec.weight_channel_group,
+            )
+        q, scales, outliers, outlier_scales = qt
+        if spec.outlier_format == "fp16":
+            outliers = outliers.to(W.dtype)
+        attrs = [
+            add_attr(gm, lin, f"{lin.name}_{suffix}", t.to(W.device))
+            for suffix, t in (("wq", q), ("ws", scales), ("wo", outliers), ("wos", outlier_scales))
+        ]
+        with gm.graph.inserting_before(lin):
+            w_deq = gm.graph.call_function(
+                atom.dequantize_weight.default,
+                (*attrs, spec.weight_format, spec.group_size, spec.outlier_format,
+                 spec.weight_channel_group, W.dtype),
+            )
+        w_deq._rename(f"{lin.name}_weight_dequant")
+        lin.args = (x_in, w_deq, *lin.args[2:])
+        lin.meta["atom.qparams"] = _spec_meta(spec, "weight")
+        if not w_node.users:
+            gm.graph.erase_node(w_node)
+        delete_attr_if_unused(gm, w_node.target)
+
+
+def _spec_meta(spec, side: str) -> dict:
+    meta = {
+        "format": spec.weight_format if side == "weight" else spec.act_format,
+        "group_size": spec.group_size,
+        "n_outliers": spec.n_outliers,
+        "outlier_format": spec.outlier_format,
+        "clip": spec.weight_clip if side == "weight" else spec.act_clip,
+    }
+    if side == "weight":
+        meta["method"] = spec.weight_method
+        meta["channel_group"] = spec.weight_channel_group
+    return meta
