@@ -33,10 +33,9 @@ class LayerCalibration:
     def num_tokens(self) -> int:
         return self.hidden.shape[0] * self.hidden.shape[1]
 
-    def batches(self, gm: fx.GraphModule, max_sequences: int | None = None) -> Iterable[tuple]:
+    def batches(self, gm: fx.GraphModule) -> Iterable[tuple]:
         """Layer inputs for each chunk of sequences, with a fresh cache of the layer's own layout."""
         N, L, _ = self.hidden.shape
-        N = N if max_sequences is None else min(N, max_sequences)
         spec = gm.meta["atom.kv_cache_spec"]
         for start in range(0, N, self.batch_size):
             h = self.hidden[start : min(start + self.batch_size, N)]
@@ -50,7 +49,6 @@ class LayerCalibration:
         gm: fx.GraphModule,
         watch: Iterable[str] = (),
         on_value: Callable[[str, Tensor], None] | None = None,
-        max_sequences: int | None = None,
     ) -> Tensor:
         """Run ``gm`` over all calibration sequences; call ``on_value(node_name, value)`` for watched nodes.
 
@@ -59,7 +57,7 @@ class LayerCalibration:
         """
         watch = set(watch)
         outputs = []
-        for inputs in self.batches(gm, max_sequences):
+        for inputs in self.batches(gm):
             if watch:
                 _WatchingInterpreter(gm, watch, on_value).run(*inputs)
             else:

@@ -80,7 +80,6 @@ class AtomConfig:
     weight_method: str = "rtn"
     weight_channel_group: int = 1
     gptq_percdamp: float = 0.01
-    gptq_nsamples: int | None = None  # None: every calibration sequence
     kv_bits: int | None = 4
     kv_clip: float = 1.0
     adapt_to_model: bool = True

@@ -5,8 +5,9 @@
   of the group is reached, from the weights as the earlier columns' error updates left them.
 - The outlier columns (the last ``n_outliers``) receive the error compensation of every normal
   column and are then quantized to INT8 per output row (or kept in float for "fp16" outliers).
-- The Hessian H = X^T X comes from the linear's inputs as the partially quantized model computes
-  them (see InsertQuantNodes).
+- The Hessian H = X^T X comes from the layer's float activations on calibration inputs produced by
+  the already-quantized earlier layers (OutlierAnalysis records it; GPTQ's nsamples is the number of
+  calibration sequences).
 """
 
 from __future__ import annotations

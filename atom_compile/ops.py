@@ -33,7 +33,7 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float, perm: Tensor | Non
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float, perm: Tensor | None) -> Tensor:
-    xf = x.to(torch.float32)
+    xf = x.to(quant.compute_dtype(x))  # float32 statistics (as HF Llama), float64 stays float64
     variance = xf.pow(2).mean(-1, keepdim=True)
     normed = (xf * torch.rsqrt(variance + eps)).to(x.dtype)
     if perm is not None:
@@ -98,23 +98,22 @@ def attend(q: Tensor, k: Tensor, v: Tensor, kv_lens: Tensor) -> Tensor:
     """Causal attention of the last T positions over float K/V [B, H_kv, S, D]; softmax in float32.
 
     Query t of sequence b sits at position kv_lens[b] - T + t and sees the cache slots up to it.
-    Grouped-query attention: query head h reads KV head h // (H_q / H_kv).
+    Grouped-query attention: query head h reads KV head h // (H_q / H_kv). Computed by torch's
+    SDPA on float32 (float64 for float64 inputs) with an explicit boolean mask.
     """
     B, T, HD = q.shape
     _, Hkv, S, D = k.shape
-    Hq = HD // D
-    G = Hq // Hkv
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     S_used = int(kv_lens.max()) if B else 0
-    kf = k[:, :, :S_used].float()
-    vf = v[:, :, :S_used].float()
-    qf = q.float().view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
-    scores = torch.matmul(qf, kf.unsqueeze(2).transpose(-1, -2)) * (1.0 / math.sqrt(D))
+    kf = k[:, :, :S_used].to(compute)
+    vf = v[:, :, :S_used].to(compute)
+    qf = q.to(compute).view(B, T, HD // D, D).transpose(1, 2)  # [B, Hq, T, D]
     qpos = kv_lens.long().view(B, 1) - T + torch.arange(T, device=q.device)  # [B, T]
     allowed = torch.arange(S_used, device=q.device).view(1, 1, S_used) <= qpos.unsqueeze(-1)
-    scores = scores.masked_fill(~allowed.view(B, 1, 1, T, S_used), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, vf.unsqueeze(2))  # [B, Hkv, G, T, D]
-    return out.permute(0, 3, 1, 2, 4).reshape(B, T, HD).to(q.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qf, kf, vf, attn_mask=allowed.unsqueeze(1), enable_gqa=Hkv != HD // D
+    )
+    return out.transpose(1, 2).reshape(B, T, HD).to(q.dtype)
 
 
 def attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lens: Tensor) -> Tensor:
@@ -154,9 +153,9 @@ def _kv_cache_store_quant_fake(k, v, k_cache, k_params, v_cache, v_params, cache
     return torch.empty_like(cache_seqlens, dtype=torch.int32)
 
 
-def kv_cache_dequantize(cache: Tensor, params: Tensor, bits: int, upto: int) -> Tensor:
-    """The first ``upto`` slots of a quantized cache as float32 [B, H, upto, D]."""
-    return quant.kv_dequantize(quant.kv_unpack(cache[:, :, :upto], bits), params[:, :, :upto])
+def kv_cache_dequantize(cache: Tensor, params: Tensor, bits: int, upto: int, dtype=torch.float32) -> Tensor:
+    """The first ``upto`` slots of a quantized cache as [B, H, upto, D] in ``dtype``."""
+    return quant.kv_dequantize(quant.kv_unpack(cache[:, :, :upto], bits), params[:, :, :upto], dtype)
 
 
 def attention_quant_kv_reference(
@@ -164,8 +163,9 @@ def attention_quant_kv_reference(
 ) -> Tensor:
     """``attention`` over a quantized cache: K and V dequantized to float32, then the same maths."""
     S_used = int(kv_lens.max()) if q.shape[0] else 0
-    k = kv_cache_dequantize(k_cache, k_params, bits, S_used)
-    v = kv_cache_dequantize(v_cache, v_params, bits, S_used)
+    cdt = quant.compute_dtype(q)
+    k = kv_cache_dequantize(k_cache, k_params, bits, S_used, cdt)
+    v = kv_cache_dequantize(v_cache, v_params, bits, S_used, cdt)
     return attend(q, k, v, kv_lens)
 
 
@@ -209,7 +209,7 @@ def dequantize_act_reference(
     dtype: torch.dtype,
 ) -> Tensor:
     """The fake-quant values of a quantized activation, in ``dtype``."""
-    return quant.dequantize_rows(q, scales, outliers, outlier_scales, fmt, group_size, outlier_format).to(dtype)
+    return quant.dequantize_rows(q, scales, outliers, outlier_scales, fmt, group_size, outlier_format, 1, dtype)
 
 
 def _dequant_fake(q, scales, outliers, fmt, group_size, dtype):
@@ -234,8 +234,8 @@ def dequantize_weight_reference(
 ) -> Tensor:
     """The fake-quant values of a quantized weight [N, K], in ``dtype``."""
     return quant.dequantize_rows(
-        q, scales, outliers, outlier_scales, fmt, group_size, outlier_format, rows_per_scale
-    ).to(dtype)
+        q, scales, outliers, outlier_scales, fmt, group_size, outlier_format, rows_per_scale, dtype
+    )
 
 
 def _dequantize_weight_fake(q, scales, outliers, outlier_scales, fmt, group_size, outlier_format, rows_per_scale, dtype):
@@ -318,22 +318,24 @@ def quant_linear_reference(
     sw = ws.float() if rows_per_scale == 1 else ws.float().repeat_interleave(rows_per_scale, dim=0)
     amax = -quant.int_range(act_format)[0]
     wmax = -quant.int_range(weight_format)[0]
-    acc = torch.zeros(xi.shape[0], wi.shape[0], dtype=torch.float32, device=xq.device)
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = torch.zeros(xi.shape[0], wi.shape[0], dtype=acc_dtype, device=xq.device)
+    sa, sw = sa.to(acc_dtype), sw.to(acc_dtype)
     for g in range(sa.shape[-1]):
         cols = slice(g * group_size, (g + 1) * group_size)
-        part = quant.integer_matmul(xi[:, cols], wi[:, cols], amax, wmax).float()
-        acc = acc + part * sa[:, g : g + 1] * sw[:, g].unsqueeze(0)
+        part = quant.integer_matmul(xi[:, cols], wi[:, cols], amax, wmax).to(acc_dtype)
+        acc += part.mul_(sa[:, g : g + 1]).mul_(sw[:, g])  # (sum * s_act) * s_weight, then accumulate
     n_out = xo.shape[-1]
     if n_out:
         xo2 = xo.reshape(-1, n_out)
         osw = wos.float() if rows_per_scale == 1 else wos.float().repeat_interleave(rows_per_scale, dim=0)
         if outlier_format == "fp16":
-            part = xo2.float() @ wo.float().t()
+            part = xo2.to(acc_dtype) @ wo.to(acc_dtype).t()
         else:
             part = quant.integer_matmul(xo2, wo, 128, 128).float()
-        acc = acc + part * xos.reshape(-1, 1).float() * osw.reshape(1, -1)
+        acc += part.to(acc_dtype).mul_(xos.reshape(-1, 1).to(acc_dtype)).mul_(osw.reshape(1, -1).to(acc_dtype))
     if bias is not None:
-        acc = acc + bias.float()
+        acc += bias.to(acc_dtype)
     return acc.to(dtype).reshape(*lead, wi.shape[0])
 
 
@@ -355,8 +357,8 @@ def weight_only_linear_reference(
     rows_per_scale: int,
 ) -> Tensor:
     """Float activations times quantized weights (W4A16): the weight is dequantized, then a float GEMM."""
-    w = quant.dequantize_rows(wq, ws, wo, wos, weight_format, group_size, outlier_format, rows_per_scale)
-    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+    w = quant.dequantize_rows(wq, ws, wo, wos, weight_format, group_size, outlier_format, rows_per_scale, x.dtype)
+    return torch.nn.functional.linear(x, w, bias)
 
 
 def _weight_only_linear_fake(x, wq, ws, wo, wos, bias, weight_format, group_size, outlier_format, rows_per_scale):

@@ -43,6 +43,11 @@ def int_range(fmt: str) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """float64 stays float64 (used by the float64 equivalence tests); everything else computes in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _fp4_table(device) -> Tensor:
     units = torch.tensor(FP4_UNITS, dtype=torch.int32, device=device)
     return torch.cat([units, -units])  # index = e2m1 code
@@ -130,11 +135,11 @@ def group_scales(x: Tensor, fmt: str, group_size: int, clip: float, rows_per_sca
     """float32 [rows / rows_per_scale, K / g]: (absmax * clip) / qmax over each group."""
     *lead, K = x.shape
     _, qmax = int_range(fmt)
-    a = x.float().abs().reshape(*lead, K // group_size, group_size).amax(-1)
+    a = x.to(compute_dtype(x)).abs().reshape(*lead, K // group_size, group_size).amax(-1)
     if rows_per_scale > 1:
         rows = a.shape[-2]
         a = a.reshape(*a.shape[:-2], rows // rows_per_scale, rows_per_scale, a.shape[-1]).amax(-2)
-    return (a * clip) / qmax
+    return ((a * clip) / qmax).to(torch.float32)
 
 
 def quantize_with_scales(x: Tensor, scales: Tensor, fmt: str, group_size: int, rows_per_scale: int = 1) -> Tensor:
@@ -144,7 +149,7 @@ def quantize_with_scales(x: Tensor, scales: Tensor, fmt: str, group_size: int, r
     if rows_per_scale > 1:
         s = s.repeat_interleave(rows_per_scale, dim=-2)
     s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero group quantizes to zeros
-    v = x.float().reshape(*lead, K // group_size, group_size) / s.unsqueeze(-1)
+    v = x.to(compute_dtype(x)).reshape(*lead, K // group_size, group_size) / s.unsqueeze(-1)
     return round_to_grid(v, fmt).reshape(*lead, K)
 
 
@@ -189,15 +194,20 @@ def dequantize_rows(
     group_size: int,
     outlier_format: str,
     rows_per_scale: int = 1,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """qtensor -> float32 [..., K] (normal channels, then outliers), the fake-quant values."""
-    units = decode_codes(q, fmt, group_size).float()
+    """qtensor -> [..., K] (normal channels, then outliers), the fake-quant values.
+
+    Computed in float32 (float64 when ``dtype`` is float64) and returned in ``dtype``.
+    """
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    units = decode_codes(q, fmt, group_size).to(cdt)
     *lead, Kn = units.shape
     s = scales if rows_per_scale == 1 else scales.repeat_interleave(rows_per_scale, dim=-2)
-    normal = (units.reshape(*lead, Kn // group_size, group_size) * s.unsqueeze(-1)).reshape(*lead, Kn)
+    normal = (units.reshape(*lead, Kn // group_size, group_size) * s.to(cdt).unsqueeze(-1)).reshape(*lead, Kn)
     os_ = outlier_scales if rows_per_scale == 1 else outlier_scales.repeat_interleave(rows_per_scale, dim=-2)
-    out = outliers.float() if outlier_format == "fp16" else outliers.float() * os_
-    return torch.cat([normal, out], dim=-1)
+    out = outliers.to(cdt) if outlier_format == "fp16" else outliers.to(cdt) * os_.to(cdt)
+    return torch.cat([normal, out], dim=-1).to(dtype)
 
 
 def exact_matmul_dtype(k: int, amax: int, bmax: int) -> torch.dtype:
@@ -229,10 +239,10 @@ def kv_quantize(x: Tensor, bits: int, clip: float) -> tuple[Tensor, Tensor]:
     The scale is rounded to float16 before it is used, so the stored params reproduce the codes.
     """
     qmax = 2**bits - 1
-    xf = x.float()
+    xf = x.to(compute_dtype(x))
     xmax = xf.amax(-1) * clip
     xmin = xf.amin(-1) * clip
-    scale = ((xmax - xmin) / qmax).to(torch.float16).float()
+    scale = ((xmax - xmin) / qmax).to(torch.float16).to(xf.dtype)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.round(-xmin / scale).clamp(0, qmax)
     codes = (torch.round(xf / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, qmax)
@@ -240,10 +250,10 @@ def kv_quantize(x: Tensor, bits: int, clip: float) -> tuple[Tensor, Tensor]:
     return codes.to(torch.uint8), params
 
 
-def kv_dequantize(codes: Tensor, params: Tensor) -> Tensor:
-    """(codes - zero) * scale, float32."""
-    p = params.float()
-    return (codes.float() - p[..., 1:2]) * p[..., 0:1]
+def kv_dequantize(codes: Tensor, params: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(codes - zero) * scale, in float32 (float64 if asked)."""
+    p = params.to(dtype)
+    return (codes.to(dtype) - p[..., 1:2]) * p[..., 0:1]
 
 
 def kv_pack(codes: Tensor, bits: int) -> Tensor:

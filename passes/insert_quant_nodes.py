@@ -1,6 +1,6 @@
 """InsertQuantNodes: quantize every linear's weights (RTN or GPTQ) and insert dynamic activation quantization.
 
-Requires: {"reordered"}
+Requires: {"reordered", "input_hessians"}
 Provides: {"quantized"}
 
 The result computes exactly the fake-quant reference: quantize, dequantize, float GEMM. One
@@ -14,8 +14,8 @@ The result computes exactly the fake-quant reference: quantize, dequantize, floa
 
 Weights are stored quantized (packed 4-bit codes, group scales, INT8 outlier columns and their
 per-row scales) and the float weight is dropped. With ``weight_method="gptq"`` the linears are
-quantized in graph order (q/k/v, o, gate/up, down), each from the Hessian of its input as the graph
-computes it after the earlier linears were quantized (activation quantization included).
+quantized from the Hessian X^T X of their input that OutlierAnalysis collected: the layer's float
+activations on inputs produced by the already-quantized earlier layers.
 With fp activations (W4A16) only the weight side is inserted.
 """
 
@@ -51,7 +51,7 @@ QTENSOR_PARTS = ("codes", "scales", "outliers", "outlier_scales")
 
 
 class InsertQuantNodes(AtomPass):
-    requires = frozenset({"reordered"})
+    requires = frozenset({"reordered", "input_hessians"})
     provides = frozenset({"quantized"})
 
     def call(self, gm: fx.GraphModule) -> PassResult:
@@ -62,7 +62,7 @@ class InsertQuantNodes(AtomPass):
             x = linears[0].args[0]
             K = get_attr_tensor(gm, linears[0].args[1]).shape[1]
             spec = cfg.resolve(K)
-            H = self._hessian(gm, x.name, K) if spec.weight_method == "gptq" else None
+            H = self._hessian(gm, linears[0]) if spec.weight_method == "gptq" else None
             dtype = get_attr_tensor(gm, linears[0].args[1]).dtype
             x_in = x
             if cfg.quantizes_activations:
@@ -85,20 +85,16 @@ class InsertQuantNodes(AtomPass):
         gm.recompile()
         return PassResult(gm, True)
 
-    def _hessian(self, gm: fx.GraphModule, input_name: str, K: int) -> torch.Tensor:
-        """X^T X of a linear input over the calibration tokens, as the graph computes it now."""
-        calib = self.ctx.calibration
-        if calib is None:
-            raise ValueError("GPTQ needs calibration data; pass calib_data to atom_compile.compile")
-        H = torch.zeros(K, K, dtype=torch.float64)
-        nsamples = self.ctx.config.gptq_nsamples
-
-        def accumulate(_, x: torch.Tensor) -> None:
-            xf = x.detach().reshape(-1, K).float()
-            H.add_((xf.t() @ xf).double().cpu())
-
-        calib.run(gm, watch=[input_name], on_value=accumulate, max_sequences=nsamples)
-        return H
+    def _hessian(self, gm: fx.GraphModule, linear: fx.Node) -> torch.Tensor:
+        """X^T X of a linear's input, recorded by OutlierAnalysis and reordered by ReorderChannels."""
+        key = linear.meta.get("atom.input_stats")
+        hessians = gm.meta.get("atom.input_hessians", {})
+        if key not in hessians:
+            raise ValueError(
+                f"GPTQ for {linear.name} needs the input Hessian that OutlierAnalysis records from "
+                "calibration data; pass calib_data to atom_compile.compile"
+            )
+        return hessians[key]
 
     def _quantize_linear(self, gm, lin: fx.Node, x_in: fx.Node, spec, H) -> None:
         w_node = lin.args[1]

@@ -1,7 +1,7 @@
 """ReorderChannels: apply each input's channel order so that its outlier channels sit together, last.
 
 Requires: {"outlier_order"}
-Provides: {"reordered"}
+Provides: {"reordered"}   (and permutes the input Hessians recorded for GPTQ)
 
 Each linear's weight columns are permuted; the producer of its input is changed to emit the same
 order, so the maths is unchanged (up to float summation order inside the GEMM)::
@@ -61,6 +61,7 @@ class ReorderChannels(AtomPass):
         orders: dict[str, torch.Tensor] = gm.meta["atom.outlier_order"]
         if not orders:
             return PassResult(gm, False)
+        hessians = gm.meta.get("atom.input_hessians", {})
         nodes = {n.name: n for n in gm.graph.nodes}
         groups = linear_inputs(gm)
         for name, perm in orders.items():
@@ -89,6 +90,8 @@ class ReorderChannels(AtomPass):
                     lin.replace_input_with(src, gather)
                 gather.meta["atom.perm"] = perm
                 gather.meta["atom.reorder"] = "explicit gather"
+            if name in hessians:  # GPTQ's X^T X follows its input into the new order
+                hessians[name] = hessians[name][perm][:, perm]
             for lin in consumers:
                 w = lin.args[1]
                 set_attr_tensor(gm, w.target, get_attr_tensor(gm, w).index_select(1, perm).contiguous())

@@ -1,0 +1,168 @@
+"""The ``atom-compile`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    """``--set group_size=64 --set kv_bits=none`` -> {"group_size": 64, "kv_bits": None}."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KNOB=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        low = raw.strip().lower()
+        if low in ("none", "null"):
+            value = None
+        elif low in ("true", "false"):
+            value = low == "true"
+        else:
+            try:
+                value = int(raw)
+            except ValueError:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = raw
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="alias (smollm2-135m), .gguf file, HF directory, atom checkpoint directory or hub id")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+
+
+def _add_calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-file", default=None, help="calibration text (default: the bundled Wikipedia sample)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (random starts, seed 0)")
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--set", action="append", metavar="KNOB=VALUE", default=[],
+                   help="override an AtomConfig knob for every config, e.g. --set group_size=64")
+
+
+def _dtype(args) -> torch.dtype:
+    if args.dtype:
+        return DTYPES[args.dtype]
+    return torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32
+
+
+def _load(args):
+    from atom_compile.models import load_model
+
+    return load_model(args.model, dtype=_dtype(args), device=args.device)
+
+
+def _compile(model, tok, name: str, args, dump_dir=None):
+    import atom_compile
+    from atom_compile.config import get_config
+    from atom_compile.data import BUNDLED_CALIB, read_text
+
+    cfg = get_config(name, **_parse_overrides(args.set))
+    calib = [read_text(args.calib_file or BUNDLED_CALIB)] if cfg.needs_calibration else None
+    return atom_compile.compile(
+        model, calib, cfg, dump_dir=dump_dir, tokenizer=tok, calib_samples=args.calib_samples,
+        calib_seqlen=args.calib_seqlen,
+    )
+
+
+def cmd_eval(args) -> int:
+    from atom_compile.data import BUNDLED_EVAL, read_text, tokenize, windows
+    from atom_compile.evaluate import perplexity
+
+    model, tok = _load(args)
+    texts = args.text_file or [str(BUNDLED_EVAL)]
+    evals = {}
+    for path in texts:
+        ids = tokenize(read_text(path), tok)
+        if args.max_tokens:
+            ids = ids[: args.max_tokens]
+        evals[path] = windows(ids, args.seqlen)
+    rows, records = [], []
+    fp_ppl: dict[str, float] = {}
+    for name in args.configs.split(","):
+        start = time.perf_counter()
+        dump = str(Path(args.dump_dir) / name) if args.dump_dir else None
+        qmodel = _compile(model, tok, name.strip(), args, dump)
+        compile_s = time.perf_counter() - start
+        for path, w in evals.items():
+            r = perplexity(qmodel, w, batch_size=args.batch_size, device=args.device, desc=f"{name} {Path(path).name}")
+            if name == "fp":
+                fp_ppl[path] = r["ppl"]
+            rec = {"config": name, "text": Path(path).name, "ppl": r["ppl"], "tokens": r["tokens"],
+                   "seconds": r["seconds"], "compile_seconds": compile_s, "seqlen": args.seqlen,
+                   "model": args.model, "overrides": _parse_overrides(args.set)}
+            records.append(rec)
+            if args.json:
+                print(json.dumps(rec), flush=True)
+            ratio = f"{r['ppl'] / fp_ppl[path]:.3f}" if path in fp_ppl else ""
+            rows.append([name, Path(path).name, f"{r['ppl']:.3f}", ratio, r["tokens"], f"{compile_s:.1f}",
+                         f"{r['seconds']:.1f}"])
+        del qmodel
+    if not args.json:
+        print(tabulate(rows, headers=["config", "text", "perplexity", "x fp", "tokens", "compile s", "eval s"],
+                       tablefmt="github"))
+    if args.out:
+        Path(args.out).write_text(json.dumps(records, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    model, tok = _load(args)
+    qmodel = _compile(model, tok, args.config, args)
+    print(qmodel.generate_text(args.prompt, args.max_new_tokens))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atom-compile", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="quantize with each config and print a perplexity table")
+    _add_model_args(p)
+    _add_calib_args(p)
+    p.add_argument("--configs", default="fp,rtn-w4a4,atom-w4a4", help="comma-separated presets")
+    p.add_argument("--text-file", action="append", help="evaluation text (repeatable; default: bundled sample)")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens of each text")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dump-dir", default=None, help="write per-pass graph dumps under DIR/<config>/")
+    p.add_argument("--json", action="store_true", help="print one JSON object per config and text")
+    p.add_argument("--out", default=None, help="also write all results to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="quantize, then continue a prompt")
+    _add_model_args(p)
+    _add_calib_args(p)
+    p.add_argument("--config", default="atom-w4a4")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        notes = "".join(f"\n  {n}" for n in getattr(e, "__notes__", []))
+        print(f"atom-compile: error: {e}{notes}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+import torch
+
+from atom_compile.passes import OutlierAnalysis
+from harness import check_pass
+
+INPUTS = ("input_layernorm", "attention", "post_attention_layernorm", "mlp_act")
+HOOKED = {"q_proj": "input_layernorm", "o_proj": "attention", "gate_proj": "post_attention_layernorm",
+          "down_proj": "mlp_act"}
+
+
+def _hf_input_stats(real_layer):
+    """Independent statistics: hooks on the HF layer's linears, run over the same calibration inputs."""
+    layer, calib = real_layer["hf_layer"], real_layer["calibration"]
+    sq, ab, hess, count = {}, {}, {}, 0
+    hooks = []
+    for lin, name in HOOKED.items():
+        mod = getattr(layer.self_attn if lin in ("q_proj", "o_proj") else layer.mlp, lin)
+
+        def hook(_m, args, _out, name=name):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sq[name] = sq.get(name, 0) + (x * x).sum(0)
+            ab[name] = ab.get(name, 0) + x.abs().sum(0)
+            hess[name] = hess.get(name, 0) + x.t() @ x
+
+        hooks.append(mod.register_forward_hook(hook))
+    h = calib.hidden
+    pos = torch.arange(h.shape[1]).unsqueeze(0)
+    with torch.no_grad():
+        layer(h, position_embeddings=(calib.cos.expand(h.shape[0], -1, -1), calib.sin.expand(h.shape[0], -1, -1)),
+              attention_mask=None, position_ids=pos)
+    count = h.shape[0] * h.shape[1]
+    for hk in hooks:
+        hk.remove()
+    return sq, ab, hess, count
+
+
+def test_records_orders_without_touching_the_graph(layer_graph, make_ctx, real_layer):
+    code = layer_graph.code
+    _, after, modified = check_pass(OutlierAnalysis, layer_graph, make_ctx("atom-w4a4-rtn"), real_layer["inputs"])
+    assert not modified and after.code == code
+    orders = after.meta["atom.outlier_order"]
+    assert set(orders) == set(INPUTS)
+    for name, perm in orders.items():
+        assert torch.equal(perm.sort().values, torch.arange(perm.numel())), f"{name}: not a permutation"
+    nodes = {n.name: n for n in after.graph.nodes}
+    assert nodes["input_layernorm"].meta["atom.n_outliers"] == 64  # 576 inputs, groups of 128
+    assert nodes["mlp_act"].meta["atom.n_outliers"] == 128  # 1536 inputs
+    # q/k/v share one order: the order lives on their shared input node
+    assert {n.args[0].name for n in after.graph.nodes if n.name in ("q_proj", "k_proj", "v_proj")} == {"input_layernorm"}
+
+
+def test_scores_match_an_independent_computation(layer_graph, make_ctx, real_layer):
+    sq, ab, _, count = _hf_input_stats(real_layer)
+    gm = OutlierAnalysis(make_ctx("atom-w4a4-rtn")).call(layer_graph).graph_module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name in INPUTS:
+        scores = nodes[name].meta["atom.channel_scores"].double()
+        torch.testing.assert_close(scores, sq[name], rtol=1e-4, atol=1e-6)
+        perm = nodes[name].meta["atom.channel_order"]
+        assert torch.all(scores[perm][1:] >= scores[perm][:-1]), "order is not ascending in score"
+        n = nodes[name].meta["atom.n_outliers"]
+        top = set(torch.topk(sq[name], n).indices.tolist())
+        assert len(top & set(perm[-n:].tolist())) >= n - 1, f"{name}: outlier set differs from the top-{n} channels"
+
+    cfg = make_ctx("atom-w4a4-rtn").config.replace(outlier_metric="abs_mean")
+    gm2 = OutlierAnalysis(make_ctx(cfg)).call(layer_graph).graph_module
+    nodes2 = {n.name: n for n in gm2.graph.nodes}
+    for name in INPUTS:
+        torch.testing.assert_close(nodes2[name].meta["atom.channel_scores"].double(), ab[name] / count,
+                                   rtol=1e-4, atol=1e-7)
+
+
+def test_records_input_hessians_for_gptq(layer_graph, make_ctx, real_layer):
+    _, _, hess, _ = _hf_input_stats(real_layer)
+    gm = OutlierAnalysis(make_ctx("atom-w4a4")).call(layer_graph).graph_module
+    for name in INPUTS:
+        H = gm.meta["atom.input_hessians"][name]
+        torch.testing.assert_close(H, hess[name], rtol=1e-4, atol=1e-4 * hess[name].abs().max().item())
+
+
+def test_nothing_to_do_without_outliers(layer_graph, make_ctx):
+    result = OutlierAnalysis(make_ctx("rtn-w4a4", calibration=False)).call(layer_graph)
+    assert not result.modified and result.graph_module.meta["atom.outlier_order"] == {}
+
+
+def test_needs_calibration_data(layer_graph, make_ctx):
+    import pytest
+
+    with pytest.raises(ValueError, match="calibration data"):
+        OutlierAnalysis(make_ctx("atom-w4a4-rtn", calibration=False)).call(layer_graph)
