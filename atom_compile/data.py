@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,13 +70,15 @@ def prepare_calibration(calib_data, tokenizer, vocab_size: int, seqlen: int, n_s
                 "a calibration list must hold strings (with tokenizer=...); for token ids pass one "
                 "[num_samples, seq_len] integer tensor"
             )
-        if tokenizer is None:
-            raise CalibrationDataError("calibration text needs a tokenizer: compile(..., tokenizer=tok)")
         text = "\n\n".join(calib_data)
         if not text.strip():
             raise CalibrationDataError("calibration text is empty")
+        if tokenizer is None:
+            raise CalibrationDataError("calibration text needs a tokenizer: compile(..., tokenizer=tok)")
         ids = tokenize(text, tokenizer)
         if ids.numel() < seqlen + 1:
+            warnings.warn(f"calibration text has {ids.numel()} tokens, less than one window of {seqlen}; "
+                          f"using {n_samples} windows of {max(2, ids.numel() - 1)} tokens")
             seqlen = max(2, ids.numel() - 1)
         calib_data = windows(ids, seqlen, n_samples, seed=seed)
     if not isinstance(calib_data, Tensor):

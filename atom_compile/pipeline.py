@@ -37,13 +37,24 @@ def check_chain(passes) -> None:
     for p in passes:
         for fact in sorted(p.requires):
             if fact not in provided:
-                providers = [q.__name__ for q in passes if fact in q.provides] or ["no pass in this pipeline"]
+                providers = [q.__name__ for q in _all_passes() if fact in q.provides] or ["no known pass"]
                 raise PipelineError(
-                    f"{p.__name__} requires {fact!r}, which is provided by {', '.join(providers)}; "
-                    f"it must run after that pass"
+                    f"{p.__name__} requires {fact!r}, which is provided by {' or '.join(providers)}; "
+                    f"that pass must run before {p.__name__}"
                 )
         for fact in p.provides:
             provided.setdefault(fact, p.__name__)
+
+
+def _all_passes() -> list[type]:
+    from atom_compile.passes import AtomPass
+
+    found, todo = [], list(AtomPass.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
 
 
 def run_pipeline(gm: fx.GraphModule, ctx: PassContext, instruments=(), passes=PIPELINE) -> fx.GraphModule:

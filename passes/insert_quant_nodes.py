@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from atom_compile import quant
+from atom_compile.config import ConfigError
 from atom_compile.gptq import gptq_quantize
 
 from .base import AtomPass, PassResult, add_attr, atom, delete_attr_if_unused, get_attr_tensor
@@ -101,8 +102,9 @@ class InsertQuantNodes(AtomPass):
         W = get_attr_tensor(gm, w_node)
         rows = W.shape[0]
         if rows % spec.weight_channel_group:
-            raise ValueError(
-                f"weight_channel_group {spec.weight_channel_group} does not divide the {rows} rows of {lin.name}"
+            raise ConfigError(
+                f"weight_channel_group {spec.weight_channel_group} does not divide the {rows} rows of "
+                f"{lin.name}; use a divisor of every linear's output size (1, 2, 4, ...)"
             )
         if H is not None:
             qt = gptq_quantize(W.float(), H, spec, self.ctx.config.gptq_percdamp)
