@@ -1,0 +1,7 @@
+"""Triton kernels implementing the ``atom`` ops on CUDA (the lowering's "triton" backend).
+
+Each module appends its exports below (append-only).
+"""
+
+from .quantize import gather_quant, rms_norm_quant, silu_mul_quant  # noqa: F401
+from .kv_attention import attention_quant_kv, kv_cache_store_quant  # noqa: F401

@@ -1,0 +1,453 @@
+"""Triton kernels for Atom's 4-bit KV cache: the quantizing store and attention over the quantized cache.
+
+``kv_cache_store_quant`` and ``attention_quant_kv`` take the arguments of their reference ops in
+``atom_compile/ops.py`` (plus keyword-only tuning arguments) and use the cache layout of
+``atom_compile/kv_cache.py``:
+
+- codes  ``uint8 [B, H_kv, S_max, D/2]``: asymmetric 4-bit codes, byte j holds element j (bits 0-3)
+  and element j + D/2 (bits 4-7) (``quant.kv_pack``);
+- params ``float16 [B, H_kv, S_max, 2]``: (scale, zero) of each (token, head); the value is
+  (code - zero) * scale.
+
+Neither function synchronizes with the host, so both can be captured in a CUDA graph:
+``kv_cache_store_quant`` drops writes past S_max instead of raising (the reference raises; it must
+read the lengths to do so), and ``attention_quant_kv`` bounds its work by ``max_seqlen`` (a host int
+the caller knows, e.g. the cache length) instead of reading ``kv_lens``.
+
+Attention maths. With K = (c - z) * s per token (c the 4-bit codes, z and s the token's zero and
+scale), a score is s * (q . c - z * sum(q)): the codes go into the tensor-core dot unscaled (0..15 are
+exact in bf16 / fp16) and the affine correction is applied per token, after the dot. The value side
+is the same: sum_n p_n (c_n - z_n) s_n = (p * s) @ c - sum_n p_n s_n z_n. The half-split packing
+gives the low nibbles of a row = dims [0, D/2) and the high nibbles = dims [D/2, D), so each product
+is two dots of depth D/2 with no interleaving. The softmax is online (flash attention) in fp32 and
+the exponentials are exp2 with log2(e) folded into the scale.
+
+Precision of the dots: fp32 queries use fp32 FMA dots (``input_precision="ieee"``); bf16 / fp16
+queries use their own dtype for Q.K (queries and codes exact, fp32 accumulation) and fp16 for P.V
+with P * s normalized by the tile's largest s (so that P in [0, 1] keeps fp16's 11 bits).
+
+Paging: every cache access is ``base(b, h) + slot * stride_slot``; a paged cache would replace the
+slot computation by ``block_table[b, slot // page] * page_stride + slot % page`` in the two load
+sites of ``_attn_fwd_kernel`` and the store site of ``_kv_store_kernel``, with BLOCK_N dividing the
+page size so that a tile never straddles pages. See docs/notes_quant_attention.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+_EXACT = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
+LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _num_sms(device) -> int:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+@triton.jit
+def _rint(v):
+    """Round half to even (exact for |v| < 2^22; larger magnitudes keep their sign, then get clamped)."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _round_bf16(x):
+    """fp32 -> nearest-even bf16 value, as fp32 (the CPU interpreter's own cast truncates)."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
+    return u.to(tl.float32, bitcast=True)
+
+
+# ============================================================================ quantizing store
+@triton.jit
+def _kv_quant_store_rows(x_ptr, c_ptr, p_ptr, seqlens_ptr, rows, n_rows, T, H, S,
+                         stride_xb, stride_xt, stride_cb, stride_ch, stride_cs, stride_pb, stride_ph, stride_ps,
+                         clip, D: tl.constexpr):
+    HALF: tl.constexpr = D // 2
+    rmask = rows < n_rows
+    h = rows % H
+    bt = rows // H
+    t = bt % T
+    b = bt // T
+    slot = tl.load(seqlens_ptr + b, mask=rmask, other=0).to(tl.int64) + t
+    ok = rmask & (slot >= 0) & (slot < S)
+    d = tl.arange(0, HALF)[None, :]
+    m2 = ok[:, None] & (d >= 0)
+    xbase = x_ptr + b.to(tl.int64) * stride_xb + t.to(tl.int64) * stride_xt + h * D
+    x_lo = tl.load(xbase[:, None] + d, mask=m2, other=0.0).to(tl.float32)
+    x_hi = tl.load(xbase[:, None] + HALF + d, mask=m2, other=0.0).to(tl.float32)
+    xmax = tl.maximum(tl.max(x_lo, axis=1), tl.max(x_hi, axis=1)) * clip
+    xmin = tl.minimum(tl.min(x_lo, axis=1), tl.min(x_hi, axis=1)) * clip
+    scale = tl.math.div_rn(xmax - xmin, 15.0).to(tl.float16).to(tl.float32)  # rounded before use, as stored
+    scale = tl.where(scale > 0, scale, 1.0)
+    zero = tl.minimum(tl.maximum(_rint(tl.math.div_rn(-xmin, scale)), 0.0), 15.0)
+    s2 = scale[:, None]
+    z2 = zero[:, None]
+    c_lo = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x_lo, s2)) + z2, 0.0), 15.0).to(tl.int32)
+    c_hi = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x_hi, s2)) + z2, 0.0), 15.0).to(tl.int32)
+    byte = (c_lo | (c_hi << 4)).to(tl.uint8)
+    cbase = c_ptr + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch + slot * stride_cs
+    tl.store(cbase[:, None] + d, byte, mask=m2)
+    pbase = p_ptr + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + slot * stride_ps
+    tl.store(pbase, scale.to(tl.float16), mask=ok)
+    tl.store(pbase + 1, zero.to(tl.float16), mask=ok)
+
+
+@triton.jit
+def _kv_store_kernel(k_ptr, v_ptr, kc_ptr, kp_ptr, vc_ptr, vp_ptr, seqlens_ptr, n_rows, T, H, S,
+                     stride_kb, stride_kt, stride_vb, stride_vt,
+                     stride_kcb, stride_kch, stride_kcs, stride_kpb, stride_kph, stride_kps,
+                     stride_vcb, stride_vch, stride_vcs, stride_vpb, stride_vph, stride_vps,
+                     clip, D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Rows are (b, t, head) of the new tokens; program axis 1 picks K (0) or V (1).
+    Grid: (cdiv(B * T * H_kv, BLOCK_R), 2)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if tl.program_id(1) == 0:
+        _kv_quant_store_rows(k_ptr, kc_ptr, kp_ptr, seqlens_ptr, rows, n_rows, T, H, S, stride_kb, stride_kt,
+                             stride_kcb, stride_kch, stride_kcs, stride_kpb, stride_kph, stride_kps, clip, D)
+    else:
+        _kv_quant_store_rows(v_ptr, vc_ptr, vp_ptr, seqlens_ptr, rows, n_rows, T, H, S, stride_vb, stride_vt,
+                             stride_vcb, stride_vch, stride_vcs, stride_vpb, stride_vph, stride_vps, clip, D)
+
+
+def kv_cache_store_quant(k: Tensor, v: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Tensor, v_params: Tensor,
+                         cache_seqlens: Tensor, bits: int = 4, clip: float = 1.0, *, block_rows: int | None = None
+                         ) -> Tensor:
+    """Quantize k, v [B, T, H_kv * D] per (token, head) to 4 bits and write codes and (scale, zero) in place at
+    slots cache_seqlens[b] + t; returns cache_seqlens + T (int32). Same contract as
+    ``ops.kv_cache_store_quant_reference``, bit-exact, except that slots >= S_max are dropped (no host check)."""
+    if bits != 4:
+        raise NotImplementedError(f"triton kv_cache_store_quant: bits={bits} (4 only)")
+    B, T, HD = k.shape
+    Bc, H, S, Dh = k_cache.shape
+    D = 2 * Dh
+    if D not in (64, 128) or HD != H * D or v.shape != k.shape or Bc != B:
+        raise NotImplementedError(f"triton kv_cache_store_quant: k {tuple(k.shape)}, cache {tuple(k_cache.shape)}")
+    if k.dtype not in _TL_DTYPES or v.dtype not in _TL_DTYPES:
+        raise NotImplementedError(f"triton kv_cache_store_quant: dtype {k.dtype}")
+    for c, p in ((k_cache, k_params), (v_cache, v_params)):
+        if c.dtype != torch.uint8 or p.dtype != torch.float16 or c.stride(-1) != 1 or p.stride(-1) != 1 \
+                or p.shape != (B, H, S, 2) or c.shape != (B, H, S, Dh):
+            raise NotImplementedError("triton kv_cache_store_quant: cache layout")
+    if not k.is_cuda and not _interpreting():
+        raise NotImplementedError("triton kv_cache_store_quant: needs CUDA tensors (or TRITON_INTERPRET=1)")
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    n_rows = B * T * H
+    if n_rows:
+        BLOCK_R = block_rows or (16 if D == 128 else 32)
+        _kv_store_kernel[(triton.cdiv(n_rows, BLOCK_R), 2)](
+            k, v, k_cache, k_params, v_cache, v_params, cache_seqlens, n_rows, T, H, S,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            *k_cache.stride()[:3], *k_params.stride()[:3], *v_cache.stride()[:3], *v_params.stride()[:3],
+            float(clip), D=D, BLOCK_R=BLOCK_R, num_warps=4, **_EXACT,
+        )
+    return (cache_seqlens + T).to(torch.int32)
+
+
+# ============================================================================ attention
+@triton.jit
+def _unpack_params(p32):
+    """int32 view of an fp16 (scale, zero) pair -> (scale, zero) in fp32 (little endian: scale is the low half)."""
+    scale = (p32 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    zero = (p32 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return scale, zero
+
+
+@triton.jit
+def _attn_block(start, n_end, qpos, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
+                kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
+                HALF: tl.constexpr, BLOCK_N: tl.constexpr, QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr,
+                IEEE: tl.constexpr):
+    """One tile of BLOCK_N keys [start, start + BLOCK_N) (masked at n_end): scores, online softmax, P.V."""
+    dd = tl.arange(0, HALF)
+    n = start + tl.arange(0, BLOCK_N)
+    n_ok = n < n_end
+    slot = n.to(tl.int64)  # paging: slot -> block_table[b, slot // PAGE] * page_stride + slot % PAGE
+    # ---- scores: s * (q . c - z * sum(q)), in log2 units
+    kc = tl.load(kc_base + slot[:, None] * stride_kcs + dd[None, :], mask=n_ok[:, None], other=0)
+    k_scale, k_zero = _unpack_params(tl.load(kp_base + slot * stride_kps, mask=n_ok, other=0))
+    k_lo = (kc & 15).to(QK_DTYPE)
+    k_hi = (kc >> 4).to(QK_DTYPE)
+    if IEEE:
+        r = tl.dot(q_lo, tl.trans(k_lo), input_precision="ieee")
+        r += tl.dot(q_hi, tl.trans(k_hi), input_precision="ieee")
+    else:
+        r = tl.dot(q_lo, tl.trans(k_lo))
+        r += tl.dot(q_hi, tl.trans(k_hi))
+    s = (r - qsum[:, None] * k_zero[None, :]) * (k_scale * qk_scale)[None, :]
+    visible = (n[None, :] <= qpos[:, None]) & n_ok[None, :]
+    s = tl.where(visible, s, float("-inf"))
+    # ---- online softmax (a row with nothing visible yet keeps m = -inf without NaNs)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    # ---- values: (p * s) @ c - sum(p * s * z)
+    vc = tl.load(vc_base + slot[:, None] * stride_vcs + dd[None, :], mask=n_ok[:, None], other=0)
+    v_scale, v_zero = _unpack_params(tl.load(vp_base + slot * stride_vps, mask=n_ok, other=0))
+    v_scale = tl.where(n_ok, v_scale, 0.0)
+    if IEEE:
+        ps = p * v_scale[None, :]
+        pv_lo = tl.dot(ps, (vc & 15).to(tl.float32), input_precision="ieee")
+        pv_hi = tl.dot(ps, (vc >> 4).to(tl.float32), input_precision="ieee")
+        z_i = z_i * alpha + tl.sum(ps * v_zero[None, :], axis=1)
+    else:
+        s_max = tl.maximum(tl.max(v_scale, axis=0), 1e-30)
+        pn = (p * (v_scale * (1.0 / s_max))[None, :]).to(PV_DTYPE)
+        pv_lo = tl.dot(pn, (vc & 15).to(PV_DTYPE)) * s_max
+        pv_hi = tl.dot(pn, (vc >> 4).to(PV_DTYPE)) * s_max
+        z_i = z_i * alpha + tl.sum(pn.to(tl.float32) * v_zero[None, :], axis=1) * s_max
+    acc_lo = acc_lo * alpha[:, None] + pv_lo
+    acc_hi = acc_hi * alpha[:, None] + pv_hi
+    return m_new, l_i, z_i, acc_lo, acc_hi
+
+
+@triton.jit
+def _attn_fwd_kernel(
+
+    q_ptr, kc_ptr, kp_ptr, vc_ptr, vp_ptr, lens_ptr, o_ptr, po_ptr, pml_ptr,
+    B, T, H_KV, n_m_tiles, chunk, n_splits, qk_scale,
+    stride_qb, stride_qt, stride_ob, stride_ot,
+    stride_kcb, stride_kch, stride_kcs, stride_kpb, stride_kph, stride_kps,
+    stride_vcb, stride_vch, stride_vcs, stride_vpb, stride_vph, stride_vps,
+    GROUP: tl.constexpr,  # query heads per KV head
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,  # write unnormalized partials (split-KV) instead of the output
+    QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, IEEE: tl.constexpr, OUT_BF16: tl.constexpr,
+    INTERP_LOOP: tl.constexpr, MAX_TILES: tl.constexpr,
+):
+    """One program: BLOCK_M rows of (token, query head of one KV group) x one KV range of one sequence.
+
+    Rows r = t * GROUP + h, so the GROUP query heads that share a KV head share its K/V tiles (GQA reuse).
+    Grid: (m tiles, B * H_kv, splits). Keys are visited from the split's start in BLOCK_N steps up to
+    min(split end, last position any row of the tile may see).
+    """
+    HALF: tl.constexpr = D // 2
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // H_KV
+    kvh = pid_bh % H_KV
+    m_tile = n_m_tiles - 1 - pid_m  # the longest causal tiles start first
+    kv_len = tl.load(lens_ptr + b).to(tl.int32)
+    n_rows = T * GROUP
+    rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    t = rows // GROUP
+    hq = kvh * GROUP + rows % GROUP
+    qpos = kv_len - T + t  # position of each query row
+    dd = tl.arange(0, HALF)
+    q_off = b.to(tl.int64) * stride_qb + t.to(tl.int64) * stride_qt + hq * D
+    qmask = row_ok[:, None] & (dd[None, :] >= 0)
+    q_lo = tl.load(q_ptr + q_off[:, None] + dd[None, :], mask=qmask, other=0.0)
+    q_hi = tl.load(q_ptr + q_off[:, None] + HALF + dd[None, :], mask=qmask, other=0.0)
+    qsum = tl.sum(q_lo.to(tl.float32), axis=1) + tl.sum(q_hi.to(tl.float32), axis=1)
+    q_lo = q_lo.to(QK_DTYPE)
+    q_hi = q_hi.to(QK_DTYPE)
+
+    t_last = (tl.minimum((m_tile + 1) * BLOCK_M, n_rows) - 1) // GROUP
+    n_hi = tl.minimum(kv_len - T + t_last + 1, kv_len)  # keys any row of this tile can see
+    n_lo = pid_s * chunk
+    n_end = tl.minimum(n_lo + chunk, n_hi)
+    if pid_s == n_splits - 1:  # the last split runs to the end: max_seqlen is only a hint
+        n_end = n_hi
+
+    kc_base = kc_ptr + b.to(tl.int64) * stride_kcb + kvh.to(tl.int64) * stride_kch
+    vc_base = vc_ptr + b.to(tl.int64) * stride_vcb + kvh.to(tl.int64) * stride_vch
+    kp_base = kp_ptr + b.to(tl.int64) * stride_kpb + kvh.to(tl.int64) * stride_kph
+    vp_base = vp_ptr + b.to(tl.int64) * stride_vpb + kvh.to(tl.int64) * stride_vph
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    z_i = tl.zeros([BLOCK_M], tl.float32)  # sum_n p_n * s_n * z_n of the values
+    acc_lo = tl.zeros([BLOCK_M, HALF], tl.float32)
+    acc_hi = tl.zeros([BLOCK_M, HALF], tl.float32)
+    if INTERP_LOOP:
+        # the CPU interpreter (numpy 2) cannot take a loaded value as a range() bound: it visits a host-given
+        # number of tiles, the ones past n_end fully masked (same block code, more work)
+        for it in range(0, MAX_TILES):
+            m_i, l_i, z_i, acc_lo, acc_hi = _attn_block(
+                n_lo + it * BLOCK_N, n_end, qpos, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
+                kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
+                HALF, BLOCK_N, QK_DTYPE, PV_DTYPE, IEEE)
+    else:
+        for start in range(n_lo, n_end, BLOCK_N):
+            m_i, l_i, z_i, acc_lo, acc_hi = _attn_block(
+                start, n_end, qpos, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
+                kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
+                HALF, BLOCK_N, QK_DTYPE, PV_DTYPE, IEEE)
+
+    acc_lo = acc_lo - z_i[:, None]
+    acc_hi = acc_hi - z_i[:, None]
+    if SPLIT:
+        # partials [splits, B, T, Hq, D] (fp32, unnormalized) and [splits, B, T, Hq, 2] (m in log2 units, l)
+        prow = ((pid_s * B + b).to(tl.int64) * T + t) * (H_KV * GROUP) + hq
+        tl.store(po_ptr + prow[:, None] * D + dd[None, :], acc_lo, mask=qmask)
+        tl.store(po_ptr + prow[:, None] * D + HALF + dd[None, :], acc_hi, mask=qmask)
+        tl.store(pml_ptr + prow * 2, m_i, mask=row_ok)
+        tl.store(pml_ptr + prow * 2 + 1, l_i, mask=row_ok)
+    else:
+        inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]  # a row that sees no key gives 0
+        out_lo = acc_lo * inv_l
+        out_hi = acc_hi * inv_l
+        if OUT_BF16:
+            out_lo = _round_bf16(out_lo)
+            out_hi = _round_bf16(out_hi)
+        o_off = b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + hq * D
+        tl.store(o_ptr + o_off[:, None] + dd[None, :], out_lo.to(o_ptr.dtype.element_ty), mask=qmask)
+        tl.store(o_ptr + o_off[:, None] + HALF + dd[None, :], out_hi.to(o_ptr.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _combine_kernel(po_ptr, pml_ptr, o_ptr, n_rows, T, HQ, n_splits, stride_ob, stride_ot,
+                    D: tl.constexpr, SPLITS_PAD: tl.constexpr, ROWS: tl.constexpr, OUT_BF16: tl.constexpr):
+    """Merge the split-KV partials of ROWS (b, t, head) rows: out = sum_i w_i o_i / sum_i w_i l_i with
+    w_i = 2^(m_i - max m). Grid: (cdiv(B * T * Hq, ROWS),)."""
+    for r in range(ROWS):
+        row = tl.program_id(0) * ROWS + r
+        ok = row < n_rows
+        row64 = row.to(tl.int64)
+        sp = tl.arange(0, SPLITS_PAD)
+        smask = (sp < n_splits) & ok
+        idx = sp.to(tl.int64) * n_rows + row64
+        m = tl.load(pml_ptr + idx * 2, mask=smask, other=float("-inf"))
+        l = tl.load(pml_ptr + idx * 2 + 1, mask=smask, other=0.0)
+        m_max = tl.max(m, axis=0)
+        m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.exp2(m - m_use)
+        denom = tl.sum(w * l, axis=0)
+        dd = tl.arange(0, D)
+        o = tl.load(po_ptr + idx[:, None] * D + dd[None, :], mask=smask[:, None], other=0.0)
+        out = tl.sum(w[:, None] * o, axis=0) * tl.where(denom > 0, 1.0 / denom, 0.0)
+        if OUT_BF16:
+            out = _round_bf16(out)
+        b = row64 // (T * HQ)
+        rem = row64 % (T * HQ)
+        t = rem // HQ
+        h = rem % HQ
+        tl.store(o_ptr + b * stride_ob + t * stride_ot + h * D + dd, out.to(o_ptr.dtype.element_ty),
+                 mask=(dd < D) & ok)
+
+
+def _decode_splits(base_programs: int, max_seqlen: int, block_n: int, n_sm: int) -> int:
+    """Split-KV factor: enough programs for several per SM, each still at least 4 tiles long."""
+    tiles = triton.cdiv(max(max_seqlen, 1), block_n)
+    want = triton.cdiv(4 * n_sm, max(base_programs, 1))
+    return max(1, min(want, tiles // 4 if tiles >= 8 else 1, 64))
+
+
+def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, num_splits: int | None = None,
+                     block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None) -> dict:
+    """The launch configuration ``attention_quant_kv`` uses (also what the kernel table prints)."""
+    B, T, HD = q.shape
+    _, Hkv, S, Dh = k_cache.shape
+    D = 2 * Dh
+    G = HD // D // Hkv
+    bound = S if max_seqlen is None else max(1, min(int(max_seqlen), S))
+    rows = T * G
+    fp32 = q.dtype == torch.float32
+    if block_m is None:
+        block_m = max(16, triton.next_power_of_2(rows)) if rows <= 64 else (64 if fp32 else 128)
+    if block_n is None:
+        block_n = 32 if fp32 else (128 if rows <= 64 else 64)
+    m_tiles = triton.cdiv(rows, block_m)
+    if num_splits is None:
+        num_splits = _decode_splits(B * Hkv * m_tiles, bound, block_n, _num_sms(q.device)) if rows <= 64 else 1
+    chunk = triton.cdiv(triton.cdiv(bound, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(bound, chunk)
+    if num_warps is None:
+        num_warps = 8 if block_m >= 128 else 4
+    if num_stages is None:
+        num_stages = 2 if block_m >= 128 else 3
+    return dict(block_m=block_m, block_n=block_n, m_tiles=m_tiles, num_splits=num_splits, chunk=chunk,
+                num_warps=num_warps, num_stages=num_stages)
+
+
+def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Tensor, v_params: Tensor,
+                       kv_lens: Tensor, bits: int = 4, *, max_seqlen: int | None = None, num_splits: int | None = None,
+                       block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                       num_stages: int | None = None, out: Tensor | None = None) -> Tensor:
+    """Causal GQA attention of q [B, T, Hq * D] over the 4-bit cache; query t of sequence b sits at position
+    kv_lens[b] - T + t. Same contract as ``ops.attention_quant_kv_reference`` (a row that sees no key gives 0
+    where the reference gives NaN).
+
+    ``max_seqlen``: a host hint of max(kv_lens) (default: the cache length S_max) over which the work is split;
+    kv_lens is never read on the host, and a hint that is too small costs time, not correctness (the last
+    split runs to each sequence's end). T * G <= 64 rows (decode, small chunks) use split-KV (flash decoding) and a
+    combine kernel; longer chunks use flash-attention tiles of 128 rows, one launch.
+    """
+    if bits != 4:
+        raise NotImplementedError(f"triton attention_quant_kv: bits={bits} (4 only)")
+    if q.dim() != 3 or k_cache.dim() != 4:
+        raise NotImplementedError("triton attention_quant_kv: shapes")
+    B, T, HD = q.shape
+    Bc, Hkv, S, Dh = k_cache.shape
+    D = 2 * Dh
+    if D not in (64, 128) or HD % D or (HD // D) % Hkv or Bc != B or v_cache.shape != k_cache.shape:
+        raise NotImplementedError(f"triton attention_quant_kv: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}")
+    if q.dtype not in _TL_DTYPES:
+        raise NotImplementedError(f"triton attention_quant_kv: dtype {q.dtype}")
+    for c, p in ((k_cache, k_params), (v_cache, v_params)):
+        if c.dtype != torch.uint8 or p.dtype != torch.float16 or c.stride(-1) != 1 or p.shape != (B, Hkv, S, 2) \
+                or p.stride(-1) != 1 or any(st % 2 for st in p.stride()[:3]) or p.storage_offset() % 2:
+            raise NotImplementedError("triton attention_quant_kv: cache layout")
+    if not q.is_cuda and not _interpreting():
+        raise NotImplementedError("triton attention_quant_kv: needs CUDA tensors (or TRITON_INTERPRET=1)")
+    Hq = HD // D
+    G = Hq // Hkv
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    o = torch.empty_like(q) if out is None else out
+    if B == 0 or T == 0:
+        return o
+    cfg = attention_config(q, k_cache, max_seqlen, num_splits, block_m, block_n, num_warps, num_stages)
+    kp32 = k_params.view(torch.int32)  # [B, Hkv, S, 1]: one 4-byte load per token
+    vp32 = v_params.view(torch.int32)
+    fp32 = q.dtype == torch.float32
+    interp = _interpreting()
+    # the CPU interpreter multiplies bf16 tiles as raw integers: it runs the half-precision paths in fp32
+    qk_dt = tl.float32 if (fp32 or interp) else _TL_DTYPES[q.dtype]
+    pv_dt = tl.float32 if (fp32 or interp) else tl.float16
+    split = cfg["num_splits"] > 1
+    if split:
+        po = torch.empty(cfg["num_splits"], B, T, Hq, D, dtype=torch.float32, device=q.device)
+        pml = torch.empty(cfg["num_splits"], B, T, Hq, 2, dtype=torch.float32, device=q.device)
+    else:
+        po = pml = o
+    grid = (cfg["m_tiles"], B * Hkv, cfg["num_splits"])
+    _attn_fwd_kernel[grid](
+        q, k_cache, kp32, v_cache, vp32, kv_lens, o, po, pml,
+        B, T, Hkv, cfg["m_tiles"], cfg["chunk"], cfg["num_splits"], LOG2E / math.sqrt(D),
+        q.stride(0), q.stride(1), o.stride(0), o.stride(1),
+        *k_cache.stride()[:3], *kp32.stride()[:3], *v_cache.stride()[:3], *vp32.stride()[:3],
+        GROUP=G, D=D, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], SPLIT=split,
+        QK_DTYPE=qk_dt, PV_DTYPE=pv_dt, IEEE=fp32 or interp, OUT_BF16=q.dtype == torch.bfloat16,
+        INTERP_LOOP=interp, MAX_TILES=triton.cdiv(S, cfg["block_n"]) if interp else 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if split:
+        n_rows = B * T * Hq
+        rows = 4
+        _combine_kernel[(triton.cdiv(n_rows, rows),)](
+            po, pml, o, n_rows, T, Hq, cfg["num_splits"], o.stride(0), o.stride(1),
+            D=D, SPLITS_PAD=max(2, triton.next_power_of_2(cfg["num_splits"])), ROWS=rows,
+            OUT_BF16=q.dtype == torch.bfloat16, num_warps=4,
+        )
+    return o
+
+
+__all__ = ["kv_cache_store_quant", "attention_quant_kv", "attention_config"]

@@ -1,0 +1,353 @@
+"""Triton kernels for Atom's fused activation quantizers: RMSNorm / SiLU*mul / gather, then per-token
+INT4 groups with INT8 outlier channels, in one pass over each row.
+
+Each function has the arguments and return values of its reference op in ``atom_compile/ops.py``
+(``rms_norm_quant_reference``, ``silu_mul_quant_reference``, ``gather_quant_reference``) and writes
+the qtensor layout of ``atom_compile/quant.py``:
+
+- ``q``              int8 [..., Kn/2]: INT4 codes in [-8, 7], half-split nibbles per group (byte j of
+                     a group holds channel j in bits 0-3 and channel j + g/2 in bits 4-7);
+- ``scales``         float32 [..., Kn/g]: (absmax * clip) / 7 per token and group;
+- ``outliers``       int8 [..., n_out]: the last n_out channels, one symmetric INT8 group per token;
+- ``outlier_scales`` float32 [..., 1]: absmax / 127 (ones when n_out == 0).
+
+Supported: fmt "int4", outlier_format "int8" (or anything when n_out == 0), group_size 64 or 128,
+n_out in {0, 64, 128} (any power of two <= 256), any K with (K - n_out) % group_size == 0,
+bf16 / fp16 / fp32 inputs. Anything else raises NotImplementedError: the lowering then falls back to
+the reference op.
+
+Numerics (what the tests check, on the CPU interpreter against the CPU reference and on a GPU
+against the CUDA reference):
+
+- The quantization itself is exact: scale = div_rn(absmax * clip, 7) in fp32, codes = round half to
+  even of div_rn(x, scale) (``(v + 1.5*2^23) - 1.5*2^23``), FMA contraction off. Given the same
+  values to quantize, codes and scales equal the reference bit for bit. ``gather_quant`` therefore
+  is bit-exact.
+- ``rms_norm_quant``: the sum of squares is reduced in a different order than torch's, and
+  rsqrt is the device's (``rsqrt.approx`` on a GPU as torch's ``rsqrtf``; 1/sqrt in the interpreter),
+  so rstd can differ from the reference's by a few fp32 ulps. After the cast to the input dtype that
+  rarely changes a normalized value, and then by one unit in the last place of that dtype. Bound
+  (tested): at least 99.9% of the scales are bit-equal and every scale is within a relative 2^-7
+  (bf16), 2^-10 (fp16), 2^-20 (fp32) of the reference's; every code is within one of the
+  reference's and fewer than 0.1% differ.
+- ``silu_mul_quant``: SiLU is x / (1 + exp(-x)) with the device's exp (the interpreter's numpy exp,
+  the GPU's ex2-based exp) against torch's own exp: the same bound as ``rms_norm_quant``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+_MAGIC = 12582912.0  # 1.5 * 2^23: (v + M) - M rounds an fp32 |v| < 2^22 to the nearest integer, ties to even
+# exact maths only: no FMA contraction, no flush-to-zero in libdevice's div_rn
+_EXACT = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
+
+
+# ============================================================================ device helpers
+@triton.jit
+def _rint(v):
+    """Round half to even (exact for |v| < 2^22; larger magnitudes keep their sign, then get clamped)."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """fp32 x rounded to DTYPE (round to nearest even), returned as fp32.
+
+    bf16 is rounded with integer ops on the fp32 bits: Triton's CPU interpreter truncates on an fp32 to
+    bf16 cast, and this gives the same answer as the GPU's cvt.rn.bf16.f32 there and on the GPU.
+    """
+    if DTYPE == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+    elif DTYPE == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _int4_group_codes(y_lo, y_hi, clip, scale_ptrs, q_ptrs, mask2d, gmask):
+    """Quantize a tile of groups [G, g/2] x 2 (low / high halves), store scales and packed bytes."""
+    amax = tl.maximum(tl.max(tl.abs(y_lo), axis=1), tl.max(tl.abs(y_hi), axis=1))
+    scale = tl.math.div_rn(amax * clip, 7.0)
+    tl.store(scale_ptrs, scale, mask=gmask)
+    s = tl.where(scale > 0, scale, 1.0)[:, None]
+    c_lo = tl.minimum(tl.maximum(_rint(tl.math.div_rn(y_lo, s)), -8.0), 7.0).to(tl.int32)
+    c_hi = tl.minimum(tl.maximum(_rint(tl.math.div_rn(y_hi, s)), -8.0), 7.0).to(tl.int32)
+    byte = (c_lo & 15) | ((c_hi & 15) << 4)
+    tl.store(q_ptrs, byte.to(tl.int8), mask=mask2d)
+
+
+@triton.jit
+def _int8_outliers(y, o_ptrs, os_ptr, omask, row_ok):
+    amax = tl.max(tl.abs(y), axis=0)
+    scale = tl.math.div_rn(amax, 127.0)
+    tl.store(os_ptr, scale, mask=row_ok)
+    s = tl.where(scale > 0, scale, 1.0)
+    c = tl.minimum(tl.maximum(_rint(tl.math.div_rn(y, s)), -128.0), 127.0).to(tl.int32)
+    tl.store(o_ptrs, c.to(tl.int8), mask=omask)
+
+
+# ============================================================================ whole-row kernel
+@triton.jit
+def _row_gather_quant_kernel(
+    x_ptr, w_ptr, perm_ptr, q_ptr, s_ptr, o_ptr, os_ptr,
+    M, K, stride_xm, stride_qm, stride_sm, stride_om, stride_osm,
+    eps, clip,
+    NORM: tl.constexpr,  # RMSNorm before the gather (rms_norm_quant); else a plain gather (gather_quant)
+    HAS_PERM: tl.constexpr,
+    X_DTYPE: tl.constexpr,  # the normalized row is rounded to the input dtype (as _rms_norm does) ...
+    Y_DTYPE: tl.constexpr,  # ... and weight * normed to promote(weight, input)
+    K_PAD: tl.constexpr, GROUP: tl.constexpr, N_GROUPS: tl.constexpr, G_PAD: tl.constexpr,
+    N_OUT: tl.constexpr, ROWS: tl.constexpr,
+):
+    """One row (token) of x in registers: statistics, gather by perm (tl.gather), quantize, store.
+
+    Programs take ROWS consecutive rows so that the gather indices and the weight, loaded once, are
+    reused. Grid: (cdiv(M, ROWS),).
+    """
+    HALF: tl.constexpr = GROUP // 2
+    pid = tl.program_id(0)
+    offs_k = tl.arange(0, K_PAD)
+    kmask = offs_k < K
+    gi = tl.arange(0, G_PAD)
+    gmask = gi < N_GROUPS
+    ch_lo = gi[:, None] * GROUP + tl.arange(0, HALF)[None, :]  # output channel of each (group, j)
+    mask2d = gmask[:, None] & (ch_lo >= 0)
+    ch_lo = tl.where(mask2d, ch_lo, 0)
+    ch_hi = tl.where(mask2d, ch_lo + HALF, 0)
+    if HAS_PERM:
+        src_lo = tl.load(perm_ptr + ch_lo, mask=mask2d, other=0).to(tl.int32)
+        src_hi = tl.load(perm_ptr + ch_hi, mask=mask2d, other=0).to(tl.int32)
+    else:
+        src_lo = ch_lo
+        src_hi = ch_hi
+    src_lo = tl.reshape(src_lo, [G_PAD * HALF])
+    src_hi = tl.reshape(src_hi, [G_PAD * HALF])
+    if NORM:
+        w_lo = tl.load(w_ptr + ch_lo, mask=mask2d, other=0).to(tl.float32)
+        w_hi = tl.load(w_ptr + ch_hi, mask=mask2d, other=0).to(tl.float32)
+    qcol = gi[:, None] * HALF + tl.arange(0, HALF)[None, :]  # byte offset in the packed row
+    if N_OUT > 0:
+        offs_o = tl.arange(0, N_OUT)
+        ch_o = N_GROUPS * GROUP + offs_o
+        if HAS_PERM:
+            src_o = tl.load(perm_ptr + ch_o).to(tl.int32)
+        else:
+            src_o = ch_o
+        if NORM:
+            w_o = tl.load(w_ptr + ch_o).to(tl.float32)
+    for r in range(ROWS):
+        row = pid * ROWS + r
+        rmask = row < M
+        row64 = row.to(tl.int64)
+        x = tl.load(x_ptr + row64 * stride_xm + offs_k, mask=kmask & rmask, other=0.0).to(tl.float32)
+        if NORM:
+            var = tl.sum(x * x, axis=0) / K
+            rstd = tl.math.rsqrt(var + eps)
+            x = _round_to(x * rstd, X_DTYPE)
+        y_lo = tl.reshape(tl.gather(x, src_lo, 0), [G_PAD, HALF])
+        y_hi = tl.reshape(tl.gather(x, src_hi, 0), [G_PAD, HALF])
+        if NORM:
+            y_lo = _round_to(w_lo * y_lo, Y_DTYPE)
+            y_hi = _round_to(w_hi * y_hi, Y_DTYPE)
+        _int4_group_codes(y_lo, y_hi, clip, s_ptr + row64 * stride_sm + gi, q_ptr + row64 * stride_qm + qcol,
+                          mask2d & rmask, gmask & rmask)
+        if N_OUT > 0:
+            y_o = tl.gather(x, src_o, 0)
+            if NORM:
+                y_o = _round_to(w_o * y_o, Y_DTYPE)
+            _int8_outliers(y_o, o_ptr + row64 * stride_om + offs_o, os_ptr + row64 * stride_osm,
+                           (offs_o < N_OUT) & rmask, rmask)
+
+
+# ============================================================================ SiLU * up, chunked
+@triton.jit
+def _silu_mul(g, u, H_DTYPE: tl.constexpr):
+    """F.silu(gate) * up as torch computes it: silu in fp32 rounded to the dtype, then the product."""
+    s = _round_to(tl.math.div_rn(g, 1.0 + tl.exp(-g)), H_DTYPE)
+    return _round_to(s * u, H_DTYPE)
+
+
+@triton.jit
+def _silu_mul_quant_kernel(
+    g_ptr, u_ptr, q_ptr, s_ptr, o_ptr, os_ptr,
+    M, stride_gm, stride_um, stride_qm, stride_sm, stride_om, stride_osm,
+    clip,
+    H_DTYPE: tl.constexpr, GROUP: tl.constexpr, N_GROUPS: tl.constexpr, GB: tl.constexpr, N_OUT: tl.constexpr,
+):
+    """One row per program; the row is streamed GB groups at a time (no perm: SiLU*up already comes out in
+    down_proj's order). Grid: (M,)."""
+    HALF: tl.constexpr = GROUP // 2
+    row = tl.program_id(0).to(tl.int64)
+    gb = tl.arange(0, GB)
+    jj = tl.arange(0, HALF)
+    for g0 in range(0, N_GROUPS, GB):
+        gi = g0 + gb
+        gmask = gi < N_GROUPS
+        mask2d = gmask[:, None] & (jj[None, :] >= 0)
+        col = gi[:, None] * GROUP + jj[None, :]
+        gl = tl.load(g_ptr + row * stride_gm + col, mask=mask2d, other=0.0).to(tl.float32)
+        ul = tl.load(u_ptr + row * stride_um + col, mask=mask2d, other=0.0).to(tl.float32)
+        gh = tl.load(g_ptr + row * stride_gm + col + HALF, mask=mask2d, other=0.0).to(tl.float32)
+        uh = tl.load(u_ptr + row * stride_um + col + HALF, mask=mask2d, other=0.0).to(tl.float32)
+        y_lo = _silu_mul(gl, ul, H_DTYPE)
+        y_hi = _silu_mul(gh, uh, H_DTYPE)
+        _int4_group_codes(y_lo, y_hi, clip, s_ptr + row * stride_sm + gi,
+                          q_ptr + row * stride_qm + gi[:, None] * HALF + jj[None, :], mask2d, gmask)
+    if N_OUT > 0:
+        offs_o = tl.arange(0, N_OUT)
+        col_o = N_GROUPS * GROUP + offs_o
+        y_o = _silu_mul(tl.load(g_ptr + row * stride_gm + col_o).to(tl.float32),
+                        tl.load(u_ptr + row * stride_um + col_o).to(tl.float32), H_DTYPE)
+        _int8_outliers(y_o, o_ptr + row * stride_om + offs_o, os_ptr + row * stride_osm, offs_o < N_OUT, row >= 0)
+
+
+# ============================================================================ host side
+def _check(x: Tensor, fmt: str, group_size: int, n_outliers: int, outlier_format: str) -> tuple[int, int]:
+    """(K, n_groups) of a supported configuration; NotImplementedError otherwise."""
+    if x.dtype not in _TL_DTYPES:
+        raise NotImplementedError(f"triton quantizer: input dtype {x.dtype} (bf16, fp16, fp32 only)")
+    if fmt != "int4":
+        raise NotImplementedError(f"triton quantizer: fmt {fmt!r} (int4 only)")
+    if group_size not in (64, 128):
+        raise NotImplementedError(f"triton quantizer: group_size {group_size} (64 or 128)")
+    if n_outliers and outlier_format != "int8":
+        raise NotImplementedError(f"triton quantizer: outlier_format {outlier_format!r} (int8 only)")
+    if n_outliers < 0 or n_outliers > 256 or (n_outliers & (n_outliers - 1)):
+        raise NotImplementedError(f"triton quantizer: n_outliers {n_outliers} (0 or a power of two <= 256)")
+    K = x.shape[-1]
+    Kn = K - n_outliers
+    if Kn <= 0 or Kn % group_size:
+        raise NotImplementedError(f"triton quantizer: {K} - {n_outliers} channels are not groups of {group_size}")
+    if not x.is_cuda and not _interpreting():
+        raise NotImplementedError("triton quantizer: needs a CUDA tensor (or TRITON_INTERPRET=1)")
+    return K, Kn // group_size
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _outputs(x2: Tensor, lead, K: int, n_groups: int, group_size: int, n_out: int, outlier_format: str):
+    M = x2.shape[0]
+    dev = x2.device
+    q = torch.empty(M, n_groups * group_size // 2, dtype=torch.int8, device=dev)
+    scales = torch.empty(M, n_groups, dtype=torch.float32, device=dev)
+    if n_out:
+        outl = torch.empty(M, n_out, dtype=torch.int8, device=dev)
+        os_ = torch.empty(M, 1, dtype=torch.float32, device=dev)
+    else:  # what quant.quantize_outliers returns for no outliers
+        outl = torch.empty(M, 0, dtype=x2.dtype if outlier_format == "fp16" else torch.int8, device=dev)
+        os_ = torch.ones(M, 1, dtype=torch.float32, device=dev)
+    return q, scales, outl, os_
+
+
+def _shape(lead, q, scales, outl, os_):
+    return (q.reshape(*lead, q.shape[-1]), scales.reshape(*lead, scales.shape[-1]),
+            outl.reshape(*lead, outl.shape[-1]), os_.reshape(*lead, 1))
+
+
+def _rows2d(x: Tensor) -> Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _num_sms(device) -> int:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_format, clip, norm,
+                rows_per_program=None, num_warps=None):
+    lead = x.shape[:-1]
+    x2 = _rows2d(x)
+    M = x2.shape[0]
+    q, scales, outl, os_ = _outputs(x2, lead, K, n_groups, group_size, n_out, outlier_format)
+    if M == 0:
+        return _shape(lead, q, scales, outl, os_)
+    if perm is not None:
+        if perm.shape != (K,) or perm.dtype not in (torch.int32, torch.int64):
+            raise NotImplementedError(f"triton quantizer: perm {tuple(perm.shape)} {perm.dtype}")
+        perm = perm.contiguous()
+    ydt = x.dtype
+    if norm:
+        if weight.shape != (K,) or weight.dtype not in _TL_DTYPES:
+            raise NotImplementedError(f"triton quantizer: weight {tuple(weight.shape)} {weight.dtype}")
+        weight = weight.contiguous()
+        ydt = torch.promote_types(x.dtype, weight.dtype)
+    K_PAD = triton.next_power_of_2(K)
+    G_PAD = triton.next_power_of_2(n_groups)
+    if rows_per_program is None:
+        rows_per_program = 1
+        while rows_per_program < 8 and M >= rows_per_program * 2 * 8 * _num_sms(x.device):
+            rows_per_program *= 2
+    if num_warps is None:
+        num_warps = 4 if K_PAD <= 1024 else 8 if K_PAD <= 4096 else 16
+    grid = (triton.cdiv(M, rows_per_program),)
+    _row_gather_quant_kernel[grid](
+        x2, weight if norm else x2, perm if perm is not None else x2, q, scales, outl, os_,
+        M, K, x2.stride(0), q.stride(0), scales.stride(0), outl.stride(0), os_.stride(0),
+        float(eps), float(clip),
+        NORM=norm, HAS_PERM=perm is not None, X_DTYPE=_TL_DTYPES[x.dtype], Y_DTYPE=_TL_DTYPES[ydt],
+        K_PAD=K_PAD, GROUP=group_size, N_GROUPS=n_groups, G_PAD=G_PAD, N_OUT=n_out, ROWS=rows_per_program,
+        num_warps=num_warps, **_EXACT,
+    )
+    return _shape(lead, q, scales, outl, os_)
+
+
+def rms_norm_quant(x: Tensor, weight: Tensor, eps: float, perm: Tensor | None, fmt: str, group_size: int,
+                   n_outliers: int, outlier_format: str, clip: float, *, rows_per_program: int | None = None,
+                   num_warps: int | None = None):
+    """RMSNorm (fp32 statistics, cast to x.dtype, times weight) + gather by perm + INT4/INT8 quantization.
+
+    Same contract as ``ops.rms_norm_quant_reference``; returns (q, scales, outliers, outlier_scales).
+    One program holds a whole row in registers: one read of x, one write of each output.
+    """
+    K, n_groups = _check(x, fmt, group_size, n_outliers, outlier_format)
+    return _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_outliers, outlier_format, clip, True,
+                       rows_per_program, num_warps)
+
+
+def gather_quant(x: Tensor, perm: Tensor, fmt: str, group_size: int, n_outliers: int, outlier_format: str,
+                 clip: float, *, rows_per_program: int | None = None, num_warps: int | None = None):
+    """x[..., perm] quantized per token (the o_proj input). Same contract as ``ops.gather_quant_reference``;
+    bit-exact."""
+    K, n_groups = _check(x, fmt, group_size, n_outliers, outlier_format)
+    return _row_launch(x, None, 0.0, perm, K, n_groups, group_size, n_outliers, outlier_format, clip, False,
+                       rows_per_program, num_warps)
+
+
+def silu_mul_quant(gate: Tensor, up: Tensor, fmt: str, group_size: int, n_outliers: int, outlier_format: str,
+                   clip: float, *, groups_per_step: int | None = None, num_warps: int | None = None):
+    """SiLU(gate) * up quantized per token. Same contract as ``ops.silu_mul_quant_reference``."""
+    K, n_groups = _check(gate, fmt, group_size, n_outliers, outlier_format)
+    if up.shape != gate.shape or up.dtype != gate.dtype:
+        raise NotImplementedError(f"triton silu_mul_quant: gate {gate.shape} {gate.dtype} vs up {up.shape} {up.dtype}")
+    lead = gate.shape[:-1]
+    g2, u2 = _rows2d(gate), _rows2d(up)
+    M = g2.shape[0]
+    q, scales, outl, os_ = _outputs(g2, lead, K, n_groups, group_size, n_outliers, outlier_format)
+    if M == 0:
+        return _shape(lead, q, scales, outl, os_)
+    GB = groups_per_step or min(triton.next_power_of_2(n_groups), max(1, 2048 // group_size))
+    _silu_mul_quant_kernel[(M,)](
+        g2, u2, q, scales, outl, os_,
+        M, g2.stride(0), u2.stride(0), q.stride(0), scales.stride(0), outl.stride(0), os_.stride(0),
+        float(clip),
+        H_DTYPE=_TL_DTYPES[gate.dtype], GROUP=group_size, N_GROUPS=n_groups, GB=GB, N_OUT=n_outliers,
+        num_warps=num_warps or 4, **_EXACT,
+    )
+    return _shape(lead, q, scales, outl, os_)
+
+
+__all__ = ["rms_norm_quant", "silu_mul_quant", "gather_quant"]
