@@ -1,0 +1,152 @@
+"""The Triton 4-bit KV cache kernels against their reference ops (atom_compile/ops.py).
+
+Runs under TRITON_INTERPRET=1 on the CPU (tests/conftest.py sets it) and natively on a CUDA device.
+
+Stated bounds:
+- kv_cache_store_quant: codes, params and returned lengths bit-exact, untouched slots unchanged.
+- attention_quant_kv: ||out - ref|| / ||ref|| < 1e-5 for fp32 inputs; < 1e-2 for bf16 / fp16 inputs
+  (the output is rounded to 8 / 11 bits; on a GPU P is also rounded to fp16 for the P.V dot).
+"""
+
+import pytest
+import torch
+
+from atom_compile import ops
+from atom_compile.runtime_kernels.kv_attention import attention_config, attention_quant_kv, kv_cache_store_quant
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _kv(B, T, H, D, dtype, device, g):
+    x = torch.randn(B, T, H * D, generator=g) * 2 + 0.3
+    x[..., :: D // 4] *= 8  # a few large channels per head
+    x[x == 0] = 0.25
+    return x.to(dtype).to(device)
+
+
+def _filled_cache(B, H, S, D, device, g):
+    """A cache whose every slot holds a quantized random K/V (written by the reference store)."""
+    kc = torch.empty(B, H, S, D // 2, dtype=torch.uint8)
+    vc = torch.empty_like(kc)
+    kp = torch.empty(B, H, S, 2, dtype=torch.float16)
+    vp = torch.empty_like(kp)
+    k = _kv(B, S, H, D, torch.float32, "cpu", g)
+    v = _kv(B, S, H, D, torch.float32, "cpu", g) * 0.5
+    ops.kv_cache_store_quant_reference(k, v, kc, kp, vc, vp, torch.zeros(B, dtype=torch.int32), 4, 1.0)
+    return [t.to(device) for t in (kc, kp, vc, vp)]
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# ============================================================================ store
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D,T,clip", [(128, 1, 1.0), (64, 5, 1.0), (128, 3, 0.9)])
+def test_store_bit_exact(device, dtype, D, T, clip):
+    g = _gen(D + T)
+    B, H, S = 3, 2, 24
+    cache = _filled_cache(B, H, S, D, device, g)
+    seqlens = torch.tensor([0, 7, S - T], dtype=torch.int32, device=device)
+    k = _kv(B, T, H, D, dtype, device, g)
+    v = _kv(B, T, H, D, dtype, device, g) * 0.1
+    ours = [t.clone() for t in cache]
+    ref = [t.clone() for t in cache]
+    lens = kv_cache_store_quant(k, v, *ours[:2], *ours[2:], seqlens, 4, clip)
+    ref_lens = ops.kv_cache_store_quant_reference(k, v, *ref[:2], *ref[2:], seqlens, 4, clip)
+    assert lens.dtype == torch.int32 and torch.equal(lens, ref_lens)
+    for a, b, before in zip(ours, ref, cache):
+        assert torch.equal(a.cpu(), b.cpu())
+        assert not torch.equal(a.cpu(), before.cpu())  # something was written
+
+
+def test_store_drops_slots_past_the_cache(device):
+    """No host check (graph capture): writes past S_max are dropped, the in-range ones land."""
+    g = _gen(3)
+    B, H, S, D, T = 2, 2, 16, 64, 4
+    cache = _filled_cache(B, H, S, D, device, g)
+    k, v = _kv(B, T, H, D, torch.float32, device, g), _kv(B, T, H, D, torch.float32, device, g)
+    ours = [t.clone() for t in cache]
+    kv_cache_store_quant(k, v, *ours[:2], *ours[2:], torch.tensor([2, S - 2], dtype=torch.int32, device=device))
+    ref = [t.clone() for t in cache]  # sequence 0 fully, sequence 1 its first two tokens
+    ops.kv_cache_store_quant_reference(k[:1], v[:1], *(t[:1] for t in ref[:2]), *(t[:1] for t in ref[2:]),
+                                       torch.tensor([2], dtype=torch.int32, device=device), 4, 1.0)
+    ops.kv_cache_store_quant_reference(k[1:, :2], v[1:, :2], *(t[1:] for t in ref[:2]), *(t[1:] for t in ref[2:]),
+                                       torch.tensor([S - 2], dtype=torch.int32, device=device), 4, 1.0)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a.cpu(), b.cpu())
+
+
+# ============================================================================ attention
+CASES = [
+    # B, T, Hq, Hkv, D, S, kv_lens (None: S for all)
+    pytest.param(3, 1, 8, 2, 128, 80, [80, 33, 1], id="decode-gqa4-ragged"),
+    pytest.param(2, 1, 4, 4, 64, 96, [96, 50], id="decode-mha-d64"),
+    pytest.param(2, 6, 8, 2, 64, 64, [64, 20], id="chunk-gqa-cache"),
+    pytest.param(2, 20, 4, 1, 64, 48, [48, 31], id="prefill-gqa4-two-tiles"),
+    pytest.param(1, 33, 2, 2, 128, 40, [33], id="prefill-empty-cache"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,S,lens", CASES)
+def test_attention_matches_reference(device, dtype, B, T, Hq, Hkv, D, S, lens):
+    g = _gen(B * 100 + T * 10 + D)
+    kc, kp, vc, vp = _filled_cache(B, Hkv, S, D, device, g)
+    kv_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    q = (torch.randn(B, T, Hq * D, generator=g) * 2).to(dtype).to(device)
+    ref = ops.attention_quant_kv_reference(q, kc, kp, vc, vp, kv_lens, 4)
+    out = attention_quant_kv(q, kc, kp, vc, vp, kv_lens, 4)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    assert _rel(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("num_splits,max_seqlen", [(3, None), (None, 40), (2, 32), (1, 8)])
+def test_attention_split_kv(device, num_splits, max_seqlen):
+    """Split-KV decode with forced splits, and with a max_seqlen hint, right or too small (last split runs on)."""
+    g = _gen(7)
+    B, Hq, Hkv, D, S = 3, 8, 2, 64, 96
+    kc, kp, vc, vp = _filled_cache(B, Hkv, S, D, device, g)
+    kv_lens = torch.tensor([40, 9, 38], dtype=torch.int32, device=device)
+    q = (torch.randn(B, 1, Hq * D, generator=g) * 3).to(device)
+    cfg = attention_config(q, kc, max_seqlen=max_seqlen, num_splits=num_splits, block_n=16)
+    assert num_splits is None or cfg["num_splits"] == num_splits
+    out = attention_quant_kv(q, kc, kp, vc, vp, kv_lens, 4, max_seqlen=max_seqlen, num_splits=num_splits, block_n=16)
+    ref = ops.attention_quant_kv_reference(q, kc, kp, vc, vp, kv_lens, 4)
+    assert _rel(out, ref) < 1e-5
+
+
+def test_store_then_decode_round_trip(device):
+    """Prefill a chunk into an empty cache, decode one token, both through the kernels, against the references."""
+    g = _gen(11)
+    B, Hq, Hkv, D, S, T0 = 2, 4, 2, 64, 32, 12
+    ours = [torch.zeros(B, Hkv, S, D // 2, dtype=torch.uint8, device=device),
+            torch.zeros(B, Hkv, S, 2, dtype=torch.float16, device=device)] * 2
+    ours = [t.clone() for t in ours]
+    ref = [t.clone() for t in ours]
+    lens = torch.tensor([0, 5], dtype=torch.int32, device=device)
+    ref_lens = lens.clone()
+    for T in (T0, 1):
+        k, v = _kv(B, T, Hkv, D, torch.float32, device, g), _kv(B, T, Hkv, D, torch.float32, device, g)
+        q = torch.randn(B, T, Hq * D, generator=g).to(device)
+        lens = kv_cache_store_quant(k, v, *ours[:2], *ours[2:], lens, 4, 1.0)
+        ref_lens = ops.kv_cache_store_quant_reference(k, v, *ref[:2], *ref[2:], ref_lens, 4, 1.0)
+        out = attention_quant_kv(q, *ours[:2], *ours[2:], lens, 4)
+        expect = ops.attention_quant_kv_reference(q, *ref[:2], *ref[2:], ref_lens, 4)
+        assert _rel(out, expect) < 1e-5
+    assert torch.equal(lens.cpu(), torch.tensor([T0 + 1, T0 + 6], dtype=torch.int32))
+
+
+def test_attention_unsupported_raise(device):
+    q = torch.randn(1, 1, 96 * 2, device=device)
+    kc = torch.zeros(1, 2, 8, 48, dtype=torch.uint8, device=device)
+    kp = torch.zeros(1, 2, 8, 2, dtype=torch.float16, device=device)
+    with pytest.raises(NotImplementedError):  # head_dim 96
+        attention_quant_kv(q, kc, kp, kc, kp, torch.ones(1, dtype=torch.int32, device=device), 4)
+    with pytest.raises(NotImplementedError):  # 2-bit
+        attention_quant_kv(q, kc, kp, kc, kp, torch.ones(1, dtype=torch.int32, device=device), 2)

@@ -1,0 +1,134 @@
+"""The Triton activation quantizers against their reference ops (atom_compile/ops.py).
+
+Runs under TRITON_INTERPRET=1 on the CPU (tests/conftest.py sets it) and natively on a CUDA device.
+Inputs are fresh random rows with a few large outlier channels, never zeros.
+
+Stated bounds (runtime_kernels/quantize.py explains them):
+- gather_quant: bit-exact.
+- rms_norm_quant and silu_mul_quant: every code within one of the reference's and fewer than 0.1% of
+  them off; scales within a relative 2^-7 (bf16), 2^-10 (fp16), 2^-20 (fp32) of the reference's, and
+  for bf16 / fp16 at least 99.9% of the scales bit-equal.
+"""
+
+import pytest
+import torch
+
+from atom_compile import ops, quant
+from atom_compile.runtime_kernels.quantize import gather_quant, rms_norm_quant, silu_mul_quant
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# (hidden, group_size, n_outliers): SmolLM2's 576 = 512 + 64, Llama's 4096 and 11008, a 1536 with 11 groups
+SHAPES = [(576, 128, 64), (576, 64, 0), (1536, 128, 128), (4096, 128, 128), (11008, 64, 128)]
+SCALE_RTOL = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-20}
+
+
+def _rows(M, K, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * 1.5 + 0.1
+    hot = torch.randperm(K, generator=g)[: max(4, K // 64)]
+    x[:, hot] *= 20 + 30 * torch.rand(len(hot), generator=g)  # large outlier channels
+    x[x == 0] = 0.5
+    return x.to(dtype).to(device)
+
+
+def _codes(t, g):
+    return quant.unpack_nibbles(t.cpu(), g)
+
+
+def _assert_same_layout(out, ref):
+    for o, r in zip(out, ref):
+        assert o.shape == r.shape and o.dtype == r.dtype, (o.shape, r.shape, o.dtype, r.dtype)
+
+
+def _assert_exact(out, ref):
+    _assert_same_layout(out, ref)
+    for o, r in zip(out, ref):
+        assert torch.equal(o.cpu(), r.cpu())
+
+
+def _assert_bounded(out, ref, dtype, group_size):
+    """The documented bound for ops whose float prologue (rstd, exp) may round differently."""
+    _assert_same_layout(out, ref)
+    q, s, o, os_ = (t.cpu() for t in out)
+    rq, rs, ro, ros = (t.cpu() for t in ref)
+    for a, b in ((_codes(q, group_size), _codes(rq, group_size)), (o.int(), ro.int())):
+        if b.numel():
+            diff = (a - b).abs()
+            assert int(diff.max()) <= 1
+            assert float((diff > 0).float().mean()) < 1e-3
+    for a, b in ((s, rs), (os_, ros)):
+        assert torch.all(torch.isfinite(a))
+        rel = ((a - b).abs() / b.abs().clamp_min(1e-30)).max()
+        assert float(rel) <= SCALE_RTOL[dtype], float(rel)
+        if dtype != torch.float32:
+            assert float((a == b).float().mean()) >= 0.999
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K,g,n_out", SHAPES)
+def test_rms_norm_quant(device, dtype, K, g, n_out):
+    M = 24 if K <= 1536 else 6
+    x = _rows(M, K, dtype, device, seed=K + g + n_out)
+    w = (torch.rand(K) + 0.5).to(dtype).to(device)
+    perm = torch.randperm(K).to(device)
+    args = (1e-5, perm, "int4", g, n_out, "int8", 0.9)
+    out = rms_norm_quant(x, w, *args)
+    ref = ops.rms_norm_quant_reference(x, w, *args)
+    _assert_bounded(out, ref, dtype, g)
+
+
+def test_rms_norm_quant_variants(device):
+    """No perm; fp32 weight with a bf16 input (fp32 result); leading dims [B, T]; int32 perm."""
+    K, g = 576, 64
+    x = _rows(2 * 5, K, torch.bfloat16, device, seed=1).view(2, 5, K)
+    w32 = (torch.rand(K) + 0.5).to(device)
+    for w, perm in ((w32, None), (w32.bfloat16(), torch.randperm(K).int().to(device))):
+        args = (1e-6, perm, "int4", g, 64, "int8", 0.85)
+        out = rms_norm_quant(x, w, *args)
+        ref = ops.rms_norm_quant_reference(x, w, *args)
+        assert out[0].shape == (2, 5, (K - 64) // 2)
+        _assert_bounded(out, ref, torch.float32 if w.dtype == torch.float32 else torch.bfloat16, g)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K,g,n_out", SHAPES)
+def test_silu_mul_quant(device, dtype, K, g, n_out):
+    M = 24 if K <= 1536 else 6
+    gate = _rows(M, K, dtype, device, seed=2 * K + g) * 0.3
+    up = _rows(M, K, dtype, device, seed=3 * K + n_out)
+    out = silu_mul_quant(gate, up, "int4", g, n_out, "int8", 0.9)
+    ref = ops.silu_mul_quant_reference(gate, up, "int4", g, n_out, "int8", 0.9)
+    _assert_bounded(out, ref, dtype, g)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K,g,n_out", SHAPES[:4])
+def test_gather_quant_bit_exact(device, dtype, K, g, n_out):
+    x = _rows(16, K, dtype, device, seed=5 * K + n_out)
+    perm = torch.randperm(K).to(device)
+    out = gather_quant(x, perm, "int4", g, n_out, "int8", 0.9)
+    _assert_exact(out, ops.gather_quant_reference(x, perm, "int4", g, n_out, "int8", 0.9))
+
+
+def test_gather_quant_zero_group_and_ties(device):
+    """A zero row (scale 0, codes 0) among random rows, and exact .5 ties that must round to even."""
+    K, g = 576, 64
+    x = _rows(8, K, torch.float32, device, seed=9)
+    x[3] = 0.0
+    # row 5: absmax 7 per group with clip 1 -> scale 1, values k + 0.5 are ties
+    x[5] = torch.arange(K, dtype=torch.float32, device=device) % 14 - 6.5
+    x[5, ::g] = 7.0
+    perm = torch.arange(K, device=device)
+    out = gather_quant(x, perm, "int4", g, 64, "int8", 1.0)
+    ref = ops.gather_quant_reference(x, perm, "int4", g, 64, "int8", 1.0)
+    _assert_exact(out, ref)
+    assert torch.all(out[0][3] == 0) and torch.all(out[1][3] == 0)
+
+
+def test_unsupported_configurations_raise(device):
+    x = _rows(2, 576, torch.float32, device, seed=0)
+    perm = torch.arange(576, device=device)
+    for args in (("int8", 64, 64, "int8"), ("fp4", 64, 64, "int8"), ("int4", 32, 64, "int8"),
+                 ("int4", 128, 64, "fp16"), ("int4", 128, 48, "int8"), ("int4", 128, 0, "int8")):
+        with pytest.raises(NotImplementedError):
+            gather_quant(x, perm, *args, 0.9)
