@@ -1,0 +1,416 @@
+"""W4A4 GEMM with INT8 outlier channels (the ``atom::quant_linear`` contract) in Triton, tuned for Hopper.
+
+Contract (act_format="int4", weight_format="int4", outlier_format="int8", rows_per_scale=1), see
+``atom_compile.ops.quant_linear_reference``::
+
+    y[m, n] = sum_g (xq_g[m] . wq_g[n]) * xs[m, g] * ws[n, g]  +  (xo[m] . wo[n]) * xos[m] * wos[n]  +  bias[n]
+
+with int32-exact group dot products. Inputs use the project's qtensor layout (``atom_compile.quant``): the
+4-bit codes of one group of g channels are packed half-split, byte j = channel j (bits 0-3) and channel
+j + g/2 (bits 4-7).
+
+Kernel design
+-------------
+* Orientation: the kernel computes the transposed tile ``acc[n, m] = W[n, :] . X[m, :]`` ("swap AB"), so the
+  weight rows are the MMA's M side (64 rows per warpgroup for wgmma) and the tokens its N side, which can
+  be as narrow as 16: decode-sized M does not waste the tensor core's 64-row minimum.
+* Unpacking without interleave: for a packed int8 byte p, ``p << 4`` is 16 * (low code) and ``p & 0xF0``
+  is 16 * (high code), both exact int8 values in [-128, 112]. The low nibbles of a group's g/2 bytes are
+  channels 0..g/2-1 and the high nibbles channels g/2..g-1, so each group is two K = g/2 int8 dots with no
+  shuffle. On the GPU the two masks run as 32-bit ``shl``/``and`` on four bytes at a time (inline PTX);
+  under the interpreter as plain int8 tensor ops. Both operands carry the factor 16, so the int32 dot is
+  256 times the code dot (|.| <= 128 * 128 * 128 = 2^21), and 1/256 (exact) joins the weight scale.
+* Per-group rescale: the int32 group sum is turned into fp32 with the magic-number trick (the wgmma
+  accumulator starts at 0x4B400000, the bits of 1.5 * 2^23, so the result's bits read as a float are
+  1.5 * 2^23 + d exactly for |d| < 2^22; one FADD removes the offset), then ``acc = fma(f, sx * sw, acc)``:
+  three FP32 ops per element and group, instead of a slow I2F conversion.
+* Outliers: one more int8 dot of K = n_out (no unpacking) with the per-row outlier scales.
+* Small M (memory-bound): split-K over the groups so that all SMs stream weights; every split writes an
+  fp32 partial, and the last program to arrive on a tile (an acq_rel atomic counter per tile) sums the
+  partials in split order, adds the bias, writes the output and re-arms the counter. One launch, no host
+  synchronization, deterministic summation order.
+* Large M (compute-bound): optionally the activations are unpacked once into int8 (x16) by a small
+  kernel, so that the activation operand goes from global memory straight to shared memory and into the
+  MMA, and only the weight operand is unpacked in registers.
+
+``prepare_weight`` keeps the packed weight bytes as they are and transposes the weight scales to [G, N]
+(contiguous per group for a tile of rows). ``w4a4_gemm`` launches the kernel with a configuration from
+``pick_config`` (a table from tuning runs on the H100, see docs/notes_gemm.md) or an explicit ``Config``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+__all__ = ["PreparedWeight", "Config", "prepare_weight", "w4a4_gemm", "pick_config", "unpack_activations"]
+
+_MAX_TILES = 8192  # split-K arrival counters kept per prepared weight
+_MAGIC_I = 0x4B400000  # bits of 12582912.0 = 1.5 * 2^23
+_MAGIC_F = 12582912.0
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass
+class PreparedWeight:
+    """A quantized weight in the kernel's layout (built once, at lowering time)."""
+
+    wq: Tensor  # [N, Kn/2] int8: packed codes, half-split per group (unchanged)
+    ws_t: Tensor  # [G, N] float32: weight group scales, transposed
+    wo: Tensor  # [N, n_out rounded up to 16] int8 outlier codes (zero columns pad the TMA row stride)
+    wos: Tensor  # [N] float32 outlier scales
+    counters: Tensor  # [_MAX_TILES] int32, zero between launches (split-K arrival counters)
+    group_size: int
+    n_out: int
+
+    _descs: dict = field(default_factory=dict, repr=False)
+
+    def descriptor(self, block_n: int) -> TensorDescriptor:
+        """TMA descriptor of the packed weight for [block_n, g/2] tiles (cached)."""
+        d = self._descs.get(block_n)
+        if d is None:
+            d = self._descs[block_n] = TensorDescriptor.from_tensor(self.wq, [block_n, self.group_size // 2])
+        return d
+
+    def outlier_descriptor(self, block_n: int, nout_p: int) -> TensorDescriptor:
+        key = ("o", block_n, nout_p)
+        d = self._descs.get(key)
+        if d is None:
+            d = self._descs[key] = TensorDescriptor.from_tensor(self.wo, [block_n, nout_p])
+        return d
+
+    @property
+    def N(self) -> int:
+        return self.wq.shape[0]
+
+    @property
+    def groups(self) -> int:
+        return self.ws_t.shape[0]
+
+
+
+@dataclass(frozen=True)
+class Config:
+    block_n: int = 64  # weight rows per program (the MMA's M side)
+    block_m: int = 16  # tokens per program (the MMA's N side)
+    split_k: int = 1  # programs per output tile, each over a contiguous range of groups
+    num_warps: int = 4
+    num_stages: int = 4
+    group_m: int = 8  # tile swizzle: this many token tiles share a sweep over weight tiles (L2 reuse)
+    x_unpacked: bool = False  # unpack activations to int8 first (large M)
+    magic: bool = True  # magic-number int32 -> fp32 conversion (else I2F)
+    dot_fp8: bool = False  # FP8 e4m3 tensor-core dots instead of int8 (experiment; not for the interpreter)
+
+
+def prepare_weight(wq: Tensor, ws: Tensor, wo: Tensor, wos: Tensor, group_size: int) -> PreparedWeight:
+    """Weight qtensor (int4 codes, fp32 group scales, int8 outliers, fp32 outlier scales) -> kernel layout."""
+    if wq.dtype != torch.int8 or wq.dim() != 2:
+        raise ValueError(f"wq must be a 2-D int8 tensor of packed int4 codes, got {wq.dtype} {tuple(wq.shape)}")
+    N, kh = wq.shape
+    g = group_size
+    if g < 32 or g & (g - 1):
+        raise ValueError(f"group_size must be a power of two >= 32, got {g}")
+    if (2 * kh) % g:
+        raise ValueError(f"packed width {kh} is not a whole number of groups of {g}")
+    G = 2 * kh // g
+    if tuple(ws.shape) != (N, G):
+        raise ValueError(f"ws must be [N, G] = [{N}, {G}] (rows_per_scale=1), got {tuple(ws.shape)}")
+    if wo.dim() != 2 or wo.shape[0] != N or wo.dtype != torch.int8:
+        raise ValueError(f"wo must be int8 [N, n_out], got {wo.dtype} {tuple(wo.shape)}")
+    if wos.numel() != N:
+        raise ValueError(f"wos must have N = {N} elements, got {tuple(wos.shape)}")
+    return PreparedWeight(
+        wq=_aligned(wq),
+        ws_t=ws.float().t().contiguous(),
+        wo=_aligned(_pad16(wo)) if wo.shape[1] else wo.contiguous(),
+        wos=wos.float().reshape(N).contiguous(),
+        counters=torch.zeros(_MAX_TILES, dtype=torch.int32, device=wq.device),
+        group_size=g,
+        n_out=wo.shape[1],
+    )
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _unpack16(p, USE_ASM: tl.constexpr, DOT_FP8: tl.constexpr):
+    """Packed int8 bytes -> (16 * low codes, 16 * high codes) as int8, or (low, high) codes as fp8 e4m3."""
+    if DOT_FP8:
+        lo = ((p << 4) >> 4).to(tl.float16).to(tl.float8e4nv)
+        hi = (p >> 4).to(tl.float16).to(tl.float8e4nv)
+    elif USE_ASM:
+        lo = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shl.b32 t, $1, 4; and.b32 $0, t, 0xF0F0F0F0; }",
+            "=r,r", [p], dtype=tl.int8, is_pure=True, pack=4)
+        hi = tl.inline_asm_elementwise(
+            "and.b32 $0, $1, 0xF0F0F0F0;", "=r,r", [p], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        lo = p << 4
+        hi = p & -16
+    return lo, hi
+
+
+@triton.jit
+def _w4a4_kernel(
+    x_desc, xs_ptr, xo_desc, xos_ptr,
+    w_desc, wst_ptr, wo_desc, wos_ptr,
+    bias_ptr, out_ptr, part_ptr, cnt_ptr,
+    M, N, G, MN,
+    s_xs, s_xos, s_out,
+    HALF: tl.constexpr, NOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ITERS: tl.constexpr, K_TAIL: tl.constexpr,
+    X_UNPACKED: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, MAGIC: tl.constexpr,
+    DOT_FP8: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    pid_k = pid % SPLIT_K
+    t = pid // SPLIT_K
+    in_group = GROUP_M * num_pid_n
+    first_m = (t // in_group) * GROUP_M
+    gsz = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (t % in_group) % gsz
+    pid_n = (t % in_group) // gsz
+
+    n0 = pid_n * BLOCK_N
+    m0 = pid_m * BLOCK_M
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    g0 = pid_k * ITERS
+
+    sw_ptrs = wst_ptr + g0 * N + offs_n
+    sx_ptrs = xs_ptr + offs_m * s_xs + g0
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    magic = tl.full([BLOCK_N, BLOCK_M], 0x4B400000, dtype=tl.int32)
+    for i in range(ITERS):
+        gi = g0 + i
+        if K_TAIL:  # the last split may run past G: its extra groups read as zeros (TMA bounds, masks)
+            ok = gi < G
+            sw = tl.load(sw_ptrs, mask=n_mask & ok, other=0.0)
+            sx = tl.load(sx_ptrs, mask=m_mask & ok, other=0.0)
+        else:
+            sw = tl.load(sw_ptrs, mask=n_mask, other=0.0)
+            sx = tl.load(sx_ptrs, mask=m_mask, other=0.0)
+        w = w_desc.load([n0, gi * HALF])  # [BLOCK_N, HALF] packed bytes
+        wl, wh = _unpack16(w, USE_ASM, DOT_FP8)
+        if X_UNPACKED:
+            xl = x_desc.load([m0, gi * 2 * HALF])  # [BLOCK_M, HALF] int8, already x16
+            xh = x_desc.load([m0, gi * 2 * HALF + HALF])
+        else:
+            x = x_desc.load([m0, gi * HALF])
+            xl, xh = _unpack16(x, USE_ASM, DOT_FP8)
+        xl = tl.trans(xl)
+        xh = tl.trans(xh)
+        if DOT_FP8:
+            f = tl.dot(wl, xl)
+            f = tl.dot(wh, xh, f)
+            sw_eff = sw
+        elif MAGIC:
+            d = tl.dot(wl, xl, magic, out_dtype=tl.int32)
+            d = tl.dot(wh, xh, d, out_dtype=tl.int32)
+            f = d.to(tl.float32, bitcast=True) - 12582912.0
+            sw_eff = sw * (1.0 / 256.0)  # both int8 operands carry a factor 16
+        else:
+            d = tl.dot(wl, xl, out_dtype=tl.int32)
+            d = tl.dot(wh, xh, d, out_dtype=tl.int32)
+            f = d.to(tl.float32)
+            sw_eff = sw * (1.0 / 256.0)
+        s = sw_eff[:, None] * sx[None, :]
+        acc = tl.fma(f, s, acc)
+        sw_ptrs += N
+        sx_ptrs += 1
+
+    if NOUT > 0:
+        if pid_k == SPLIT_K - 1:
+            wo = wo_desc.load([n0, 0])  # [BLOCK_N, NOUT]; columns past n_out read as zeros
+            xo = xo_desc.load([m0, 0])  # [BLOCK_M, NOUT]
+            do = tl.dot(wo, tl.trans(xo), out_dtype=tl.int32)
+            swo = tl.load(wos_ptr + offs_n, mask=n_mask, other=0.0)
+            sxo = tl.load(xos_ptr + offs_m * s_xos, mask=m_mask, other=0.0)
+            acc = tl.fma(do.to(tl.float32), swo[:, None] * sxo[None, :], acc)
+
+    out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * s_out + offs_n[:, None]
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    if SPLIT_K == 1:
+        y = acc
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        p_off = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        tl.store(part_ptr + pid_k * MN + p_off, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is written before the arrival is published
+        tile = pid_m * num_pid_n + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the last program of this tile: reduce in split order
+            y = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                y += tl.load(part_ptr + s * MN + p_off, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)  # re-arm for the next launch
+
+
+@triton.jit
+def _unpack_act_kernel(xq_ptr, x8_ptr, M, G, s_xq, s_x8, HALF: tl.constexpr, BLOCK_R: tl.constexpr,
+                       USE_ASM: tl.constexpr):
+    """[M, G*HALF] packed int4 -> [M, G*2*HALF] int8 holding 16 * code, channels in natural order."""
+    pid_r = tl.program_id(0)
+    gi = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    k = tl.arange(0, HALF)
+    mask = (rows < M)[:, None]
+    p = tl.load(xq_ptr + rows[:, None].to(tl.int64) * s_xq + gi * HALF + k[None, :], mask=mask, other=0)
+    lo, hi = _unpack16(p, USE_ASM, False)
+    dst = x8_ptr + rows[:, None].to(tl.int64) * s_x8 + gi * 2 * HALF + k[None, :]
+    tl.store(dst, lo, mask=mask)
+    tl.store(dst + HALF, hi, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------- host side
+def unpack_activations(xq: Tensor, group_size: int, out: Tensor | None = None) -> Tensor:
+    """Packed int4 activations [M, Kn/2] -> int8 [M, Kn] holding 16 * code (the large-M operand)."""
+    M, kh = xq.shape
+    half = group_size // 2
+    G = kh // half
+    x8 = out if out is not None else torch.empty((M, 2 * kh), dtype=torch.int8, device=xq.device)
+    block_r = 64
+    _unpack_act_kernel[(triton.cdiv(M, block_r), G)](
+        xq, x8, M, G, xq.stride(0), x8.stride(0), HALF=half, BLOCK_R=block_r,
+        USE_ASM=not _interpreting(), num_warps=4)
+    return x8
+
+
+def _aligned(t: Tensor) -> Tensor:
+    """Row-major with a 16-byte aligned base and row stride (what a TMA descriptor needs)."""
+    if t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+        t = t.contiguous()
+        if t.data_ptr() % 16:
+            t = t.clone()
+    return t
+
+
+def _pad16(t: Tensor) -> Tensor:
+    """Zero-pad the last dim to a multiple of 16 elements (int8: 16 bytes)."""
+    k = t.shape[-1]
+    return t if k % 16 == 0 else torch.nn.functional.pad(t, (0, 16 - k % 16))
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def pick_config(M: int, N: int, G: int, sms: int = 132) -> Config:
+    """Launch configuration by problem size (from the H100 tuning runs recorded in docs/notes_gemm.md)."""
+    if _interpreting():
+        return Config(block_n=32, block_m=16, split_k=2 if G >= 2 else 1, num_warps=4, num_stages=1)
+    if M <= 64:
+        bm = max(16, _next_pow2(M))
+        bn = 64
+        tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+        split = max(1, min(G // 2, round(2 * sms / tiles)))
+        return Config(block_n=bn, block_m=bm, split_k=split, num_warps=4, num_stages=4)
+    if M <= 256:
+        return Config(block_n=128, block_m=64, split_k=1, num_warps=4, num_stages=4)
+    return Config(block_n=128, block_m=128, split_k=1, num_warps=8, num_stages=3, x_unpacked=M >= 1024)
+
+
+def w4a4_gemm(
+    xq: Tensor,
+    xs: Tensor,
+    xo: Tensor,
+    xos: Tensor,
+    prepared: PreparedWeight,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: Config | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """y [M, N] = W4A4 GEMM of the activation qtensor (xq, xs, xo, xos) with a prepared weight (+ bias).
+
+    2-D inputs (the caller flattens leading dims). No host synchronization (CUDA-graph capturable).
+    ``out``: optional preallocated [M, N] output of ``out_dtype``.
+    """
+    pw = prepared
+    g = pw.group_size
+    half = g // 2
+    M = xq.shape[0]
+    N, G, n_out = pw.N, pw.groups, pw.n_out
+    if xq.dim() != 2 or xq.dtype != torch.int8 or xq.shape[1] != G * half:
+        raise ValueError(f"xq must be int8 [M, {G * half}], got {xq.dtype} {tuple(xq.shape)}")
+    if tuple(xs.shape) != (M, G):
+        raise ValueError(f"xs must be [M, G] = [{M}, {G}], got {tuple(xs.shape)}")
+    if tuple(xo.shape) != (M, n_out) or (n_out and xo.dtype != torch.int8):
+        raise ValueError(f"xo must be int8 [M, {n_out}], got {xo.dtype} {tuple(xo.shape)}")
+    if xos.numel() != M:
+        raise ValueError(f"xos must have M = {M} elements, got {tuple(xos.shape)}")
+    if bias is not None and bias.numel() != N:
+        raise ValueError(f"bias must have N = {N} elements, got {tuple(bias.shape)}")
+    if out is None:
+        out = torch.empty((M, N), dtype=out_dtype, device=xq.device)
+    elif tuple(out.shape) != (M, N) or out.dtype != out_dtype or out.stride(1) != 1:
+        raise ValueError("out must be a row-major [M, N] tensor of out_dtype")
+    if M == 0:
+        return out
+    if xs.dtype != torch.float32:
+        xs = xs.float()
+    xos = xos.reshape(M, 1)
+    if xos.dtype != torch.float32:
+        xos = xos.float()
+    interp = _interpreting()
+    cfg = config or pick_config(M, N, G)
+    if cfg.dot_fp8 and interp:
+        raise ValueError("dot_fp8 configurations run on the GPU only")
+    split = max(1, min(cfg.split_k, G))
+    iters = triton.cdiv(G, split)
+    split = triton.cdiv(G, iters)  # no split left without groups
+    tiles = triton.cdiv(N, cfg.block_n) * triton.cdiv(M, cfg.block_m)
+    if tiles > pw.counters.numel():
+        split = 1
+    if split > 1:
+        part = torch.empty((split, M, N), dtype=torch.float32, device=xq.device)
+    else:
+        part = out  # unused
+    if cfg.x_unpacked:
+        x_desc = TensorDescriptor.from_tensor(unpack_activations(xq, g), [cfg.block_m, half])
+    else:
+        x_desc = TensorDescriptor.from_tensor(_aligned(xq), [cfg.block_m, half])
+    w_desc = pw.descriptor(cfg.block_n)
+    nout_p = max(32, _next_pow2(n_out)) if n_out else 0
+    if n_out:
+        wo_desc = pw.outlier_descriptor(cfg.block_n, nout_p)
+        xo_desc = TensorDescriptor.from_tensor(_aligned(_pad16(xo)), [cfg.block_m, nout_p])
+    else:
+        wo_desc = xo_desc = w_desc  # unused
+    grid = (tiles * split,)
+    _w4a4_kernel[grid](
+        x_desc, xs, xo_desc, xos,
+        w_desc, pw.ws_t, wo_desc, pw.wos,
+        bias if bias is not None else out, out, part, pw.counters,
+        M, N, G, M * N,
+        xs.stride(0), xos.stride(0), out.stride(0),
+        HALF=half, NOUT=nout_p,
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SPLIT_K=split, GROUP_M=cfg.group_m,
+        ITERS=iters, K_TAIL=split * iters != G,
+        X_UNPACKED=cfg.x_unpacked, HAS_BIAS=bias is not None, USE_ASM=not interp, MAGIC=cfg.magic,
+        DOT_FP8=cfg.dot_fp8,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def with_config(cfg: Config, **kw) -> Config:
+    return replace(cfg, **kw)

@@ -1,0 +1,145 @@
+"""W4A4 GEMM kernel (runtime_kernels/w4a4_gemm.py) against ``atom_compile.ops.quant_linear_reference``.
+
+Inputs are fresh random activations with a few large outlier channels (never zeros) and random weights,
+quantized with ``atom_compile.quant.quantize_rows`` (int4 groups, int8 outliers). Every group's integer
+dot product is exact in both implementations; only the fp32 scaling and summation order differ, so the
+bounds are ||out - ref|| / ||ref|| < 1e-5 for fp32 output and < 1e-2 for bf16 output (bf16 rounding of
+the result, 2^-9 relative, dominates). On a machine without a GPU the kernels run under Triton's CPU
+interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atom_compile import quant
+from atom_compile.ops import quant_linear_reference
+from atom_compile.runtime_kernels.w4a4_gemm import Config, prepare_weight, w4a4_gemm
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def with_outliers(*shape, seed, scale=30.0, n_out=0, device="cpu"):
+    """Gaussian activations; the last ``n_out`` channels (the outlier channels after reordering) and a few
+    random normal channels are blown up, as real LLM activations are."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    cols = torch.randperm(shape[-1] - n_out, generator=g)[: max(1, shape[-1] // 100)]
+    x[..., cols] *= 4.0
+    if n_out:
+        x[..., -n_out:] *= scale
+    return x.to(device)
+
+
+def make_case(M, N, K, group, n_out, seed, device, bias=True):
+    x = with_outliers(M, K, seed=seed, n_out=n_out, device=device)
+    g = torch.Generator().manual_seed(seed + 1)
+    w = (torch.randn(N, K, generator=g) * 0.05).to(device)
+    xq = quant.quantize_rows(x, "int4", group, n_out, "int8", 0.9)
+    wq = quant.quantize_rows(w, "int4", group, n_out, "int8", 0.85)
+    b = (torch.randn(N, generator=g)).to(device) if bias else None
+    return xq, wq, b
+
+
+def reference(xq, wq, b, group, dtype):
+    return quant_linear_reference(*xq, *wq, b, "int4", "int4", group, "int8", 1, dtype)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check(xq, wq, b, group, dtype, config=None):
+    pw = prepare_weight(*wq, group)
+    M, N = xq[0].shape[0], wq[0].shape[0]
+    out = torch.full((M, N), float("nan"), dtype=dtype, device=xq[0].device)  # poison: every element must be written
+    y = w4a4_gemm(*xq, pw, b, dtype, config=config, out=out)
+    assert y.data_ptr() == out.data_ptr() and y.dtype == dtype and y.shape == (M, N)
+    assert not torch.isnan(y).any(), "unwritten output elements"
+    assert int(pw.counters.abs().sum()) == 0, "split-K counters not re-armed"
+    ref = reference(xq, wq, b, group, torch.float32)
+    err = rel_err(y, ref)
+    assert err < TOL[dtype], f"rel err {err:.3g} >= {TOL[dtype]}"
+    return y, ref
+
+
+# (K, group, n_out): Kn = 512 (4 groups of 128), Kn = 1408 (11 groups, 128 outliers), Kn = 512 in groups of 64
+SHAPES = [(576, 128, 64), (1536, 128, 128), (576, 64, 64)]
+
+
+@pytest.mark.parametrize("M", [1, 16, 37])
+@pytest.mark.parametrize("K,group,n_out", SHAPES)
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.bfloat16, False)])
+def test_matches_reference(device, M, K, group, n_out, dtype, bias):
+    xq, wq, b = make_case(M, 96, K, group, n_out, seed=10 * M + K + group, device=device, bias=bias)
+    check(xq, wq, b, group, dtype)
+
+
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, False), (torch.bfloat16, True)])
+def test_other_bias_dtype_combinations(device, dtype, bias):
+    xq, wq, b = make_case(16, 96, 1536, 128, 128, seed=7, device=device, bias=bias)
+    check(xq, wq, b, 128, dtype)
+
+
+# Configurations the GPU heuristics use, at interpreter-friendly sizes: split-K with an uneven last split
+# (11 groups over 3 and 4 splits), no split, the pre-unpacked activation path, I2F conversion, N and M tails.
+CONFIGS = [
+    Config(block_n=32, block_m=16, split_k=3, num_stages=1),
+    Config(block_n=64, block_m=32, split_k=4, num_stages=1, x_unpacked=True),
+    Config(block_n=16, block_m=64, split_k=1, num_stages=1),
+    Config(block_n=64, block_m=16, split_k=1, num_stages=1, x_unpacked=True, magic=False),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"n{c.block_n}m{c.block_m}s{c.split_k}"
+                         f"{'x' if c.x_unpacked else ''}{'' if c.magic else 'i2f'}")
+def test_configs(device, config):
+    xq, wq, b = make_case(37, 80, 1536, 128, 128, seed=3, device=device)
+    check(xq, wq, b, 128, torch.float32, config)
+
+
+def test_fp16_output_and_no_outliers(device):
+    xq, wq, b = make_case(5, 64, 512, 128, 0, seed=4, device=device)
+    assert xq[2].shape[-1] == 0
+    check(xq, wq, b, 128, torch.float32)
+    pw = prepare_weight(*wq, 128)
+    y = w4a4_gemm(*xq, pw, b, torch.float16)
+    assert y.dtype == torch.float16 and rel_err(y, reference(xq, wq, b, 128, torch.float32)) < 1e-2
+
+
+def test_repeated_calls_are_deterministic(device):
+    """The split-K reduction sums partials in split order whoever arrives last: bit-identical results."""
+    xq, wq, b = make_case(16, 96, 1536, 128, 128, seed=5, device=device)
+    pw = prepare_weight(*wq, 128)
+    cfg = Config(block_n=32, block_m=16, split_k=4, num_stages=1)
+    y1 = w4a4_gemm(*xq, pw, b, torch.float32, config=cfg)
+    y2 = w4a4_gemm(*xq, pw, b, torch.float32, config=cfg)
+    assert torch.equal(y1, y2)
+
+
+def test_worst_case_codes_are_exact(device):
+    """All codes -8 and outliers -127: the largest group sums (x256 inside the kernel: 2^21) stay exact."""
+    M, N, g = 3, 32, 128
+    xq = quant.pack_nibbles(torch.full((M, 256), -8, dtype=torch.int8), g).to(device)
+    wq = quant.pack_nibbles(torch.full((N, 256), -8, dtype=torch.int8), g).to(device)
+    xo = torch.full((M, 128), -127, dtype=torch.int8, device=device)
+    wo = torch.full((N, 128), -127, dtype=torch.int8, device=device)
+    ones = lambda r, c: torch.ones(r, c, device=device)  # noqa: E731
+    y = w4a4_gemm(xq, ones(M, 2), xo, ones(M, 1), prepare_weight(wq, ones(N, 2), wo, ones(N, 1), g), None,
+                  torch.float32)
+    expect = 2 * 128 * 64 + 128 * 127 * 127
+    assert torch.equal(y, torch.full_like(y, float(expect)))
+
+
+def test_rejects_bad_inputs(device):
+    xq, wq, b = make_case(4, 32, 576, 128, 64, seed=6, device=device)
+    pw = prepare_weight(*wq, 128)
+    with pytest.raises(ValueError):
+        w4a4_gemm(xq[0][:, :-1], *xq[1:], pw)
+    with pytest.raises(ValueError):
+        w4a4_gemm(xq[0], xq[1][:, :-1], *xq[2:], pw)
+    with pytest.raises(ValueError):
+        prepare_weight(wq[0], wq[1][:, :-1], wq[2], wq[3], 128)
+    with pytest.raises(ValueError):
+        prepare_weight(*wq, 96)
