@@ -66,12 +66,18 @@ def _load(args):
     return load_model(args.model, dtype=_dtype(args), device=args.device)
 
 
-def _compile(model, tok, name: str, args, dump_dir=None):
-    import atom_compile
+def _configs(names: list[str], args):
+    """Every requested config, checked before anything slow happens."""
     from atom_compile.config import get_config
+
+    overrides = _parse_overrides(args.set)
+    return [get_config(name.strip(), **overrides) for name in names]
+
+
+def _compile(model, tok, cfg, args, dump_dir=None):
+    import atom_compile
     from atom_compile.data import BUNDLED_CALIB, read_text
 
-    cfg = get_config(name, **_parse_overrides(args.set))
     calib = [read_text(args.calib_file or BUNDLED_CALIB)] if cfg.needs_calibration else None
     return atom_compile.compile(
         model, calib, cfg, dump_dir=dump_dir, tokenizer=tok, calib_samples=args.calib_samples,
@@ -83,8 +89,11 @@ def cmd_eval(args) -> int:
     from atom_compile.data import BUNDLED_EVAL, read_text, tokenize, windows
     from atom_compile.evaluate import perplexity
 
-    model, tok = _load(args)
+    configs = _configs(args.configs.split(","), args)
     texts = args.text_file or [str(BUNDLED_EVAL)]
+    for path in texts:
+        read_text(path)  # a missing or empty file fails before the model loads
+    model, tok = _load(args)
     evals = {}
     for path in texts:
         ids = tokenize(read_text(path), tok)
@@ -93,10 +102,11 @@ def cmd_eval(args) -> int:
         evals[path] = windows(ids, args.seqlen)
     rows, records = [], []
     fp_ppl: dict[str, float] = {}
-    for name in args.configs.split(","):
+    for cfg in configs:
+        name = cfg.name
         start = time.perf_counter()
         dump = str(Path(args.dump_dir) / name) if args.dump_dir else None
-        qmodel = _compile(model, tok, name.strip(), args, dump)
+        qmodel = _compile(model, tok, cfg, args, dump)
         compile_s = time.perf_counter() - start
         for path, w in evals.items():
             r = perplexity(qmodel, w, batch_size=args.batch_size, device=args.device, desc=f"{name} {Path(path).name}")
@@ -121,8 +131,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    (cfg,) = _configs([args.config], args)
     model, tok = _load(args)
-    qmodel = _compile(model, tok, args.config, args)
+    qmodel = _compile(model, tok, cfg, args)
     print(qmodel.generate_text(args.prompt, args.max_new_tokens))
     return 0
 

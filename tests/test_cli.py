@@ -1,0 +1,48 @@
+"""The command line on the real SmolLM2 and real text, kept small."""
+
+import json
+
+import pytest
+
+from atom_compile.cli import main
+from conftest import data_file
+
+
+def test_eval_json(capsys):
+    text = str(data_file("enwiki_eval.txt"))
+    calib = str(data_file("enwiki_calib.txt"))
+    rc = main(["eval", "--configs", "fp,rtn-w4a4,atom-w4a4-rtn", "--text-file", text, "--calib-file", calib,
+               "--calib-samples", "2", "--calib-seqlen", "64", "--seqlen", "128", "--max-tokens", "256", "--json"])
+    assert rc == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["config"] for r in records] == ["fp", "rtn-w4a4", "atom-w4a4-rtn"]
+    for r in records:
+        assert {"config", "ppl", "tokens", "seconds"} <= set(r) and r["tokens"] == 2 * 127
+    fp, rtn, atom = (r["ppl"] for r in records)
+    assert rtn > 10 * fp and atom < rtn
+
+
+def test_eval_table_and_overrides(capsys, tmp_path):
+    text = str(data_file("enwiki_eval.txt"))
+    rc = main(["eval", "--configs", "w4a16", "--text-file", text, "--seqlen", "64", "--max-tokens", "128",
+               "--set", "group_size=64", "--dump-dir", str(tmp_path / "d"), "--out", str(tmp_path / "r.json")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| config" in out and "w4a16" in out
+    assert json.loads((tmp_path / "r.json").read_text())[0]["overrides"] == {"group_size": 64}
+    assert (tmp_path / "d" / "w4a16" / "layer_00" / "07_lowered.py").is_file()
+
+
+def test_generate(capsys):
+    rc = main(["generate", "--config", "w8a8", "--prompt", "The capital of France is", "--max-new-tokens", "6"])
+    assert rc == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_clear_errors(capsys):
+    assert main(["eval", "--configs", "nope", "--max-tokens", "64"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert main(["eval", "--configs", "fp", "--text-file", "/nonexistent.txt"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--set", "group_size"])
