@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import os
 import sys
@@ -206,6 +207,7 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,12288x4096 (N x K)")
     ap.add_argument("--ms", default=None, help="e.g. 16,4096")
+    ap.add_argument("--budget", type=float, default=None, help="seconds: stop tuning (not timing) after this")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_gemm needs a CUDA device")
@@ -221,6 +223,7 @@ def main(argv=None) -> None:
         jobs += [(M, N, K, c) for N, K in shapes for M in ms for c in candidates(M, N, (K - N_OUT) // GROUP)]
     precompile(jobs, args.workers)
 
+    t_start = time.time()
     rows, tuning = [], []
     for N, K in shapes:
         for M in ms:
@@ -240,7 +243,7 @@ def main(argv=None) -> None:
                        x_int8=None if base["int8"] is None else base["int8"] / ours, max_rel_err=err,
                        config=f"n{cfg.block_n}m{cfg.block_m}s{cfg.split_k}w{cfg.num_warps}st{cfg.num_stages}"
                               f"{'x' if cfg.x_unpacked else ''}")
-            if args.tune:
+            if args.tune and (args.budget is None or time.time() - t_start < args.budget):
                 ref = quant_linear_reference(*xq, *wq, None, "int4", "int4", GROUP, "int8", 1, torch.float32)
                 cand = tune_one(xq, wq, ref, M, N, (K - N_OUT) // GROUP)
                 ok = [c for c in cand if c["us"] is not None and c["err"] is not None and c["err"] < 1e-5]
@@ -259,6 +262,9 @@ def main(argv=None) -> None:
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
             del x, w, xq, wq
             torch.cuda.empty_cache()
+            if args.out:  # partial results survive a time-out
+                with open(args.out + ".partial", "w") as f:
+                    json.dump(dict(rows=rows, tuning=tuning), f)
 
     table = [{k: v for k, v in r.items() if k != "fp8_variants_us"} for r in rows]
     report("W4A4 GEMM (ours: GEMM alone, activation quantization excluded) vs torch bf16 / FP8 / INT8",
