@@ -4,13 +4,14 @@ from atom_compile import PRESETS, AtomConfig, ConfigError, get_config
 
 
 @pytest.mark.parametrize("K,group,n,expect", [
-    (576, 128, 128, (128, 64)),    # SmolLM2 hidden: outliers shrink to 64, 4 groups of 128
+    (576, 128, 128, (64, 128)),    # SmolLM2 hidden: 128 outliers kept, 7 groups of 64
     (1536, 128, 128, (128, 128)),  # SmolLM2 intermediate: fits as asked
     (4096, 128, 128, (128, 128)),  # Llama-7B hidden
     (11008, 128, 128, (128, 128)),  # Llama-7B intermediate
     (896, 128, 128, (128, 128)),   # Qwen2-0.5B hidden
     (576, 64, 64, (64, 64)),       # the reference setup of issue 4
     (576, 128, 0, (64, 0)),        # no outliers: the group halves to 64
+    (600, 128, 128, (128, 88)),    # 472 = 8 * 59: no group >= 32 fits, so 40 outliers go
     (576, None, 0, (576, 0)),      # one group per row
 ])
 def test_adaptation_rule(K, group, n, expect):

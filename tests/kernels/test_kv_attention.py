@@ -1,6 +1,8 @@
 """The Triton 4-bit KV cache kernels against their reference ops (atom_compile/ops.py).
 
-Runs under TRITON_INTERPRET=1 on the CPU (tests/conftest.py sets it) and natively on a CUDA device.
+Runs under TRITON_INTERPRET=1 on the CPU (tests/conftest.py sets it) and natively on a CUDA device. The
+references run on the CPU (the project's definition: torch's CUDA kernels divide by a Python scalar as a
+multiply by its reciprocal, which can move a KV scale by one fp16 ulp).
 
 Stated bounds:
 - kv_cache_store_quant: codes, params and returned lengths bit-exact, untouched slots unchanged.
@@ -55,10 +57,10 @@ def test_store_bit_exact(device, dtype, D, T, clip):
     k = _kv(B, T, H, D, dtype, device, g)
     v = _kv(B, T, H, D, dtype, device, g) * 0.1
     ours = [t.clone() for t in cache]
-    ref = [t.clone() for t in cache]
+    ref = [t.cpu().clone() for t in cache]
     lens = kv_cache_store_quant(k, v, *ours[:2], *ours[2:], seqlens, 4, clip)
-    ref_lens = ops.kv_cache_store_quant_reference(k, v, *ref[:2], *ref[2:], seqlens, 4, clip)
-    assert lens.dtype == torch.int32 and torch.equal(lens, ref_lens)
+    ref_lens = ops.kv_cache_store_quant_reference(k.cpu(), v.cpu(), *ref[:2], *ref[2:], seqlens.cpu(), 4, clip)
+    assert lens.dtype == torch.int32 and torch.equal(lens.cpu(), ref_lens)
     for a, b, before in zip(ours, ref, cache):
         assert torch.equal(a.cpu(), b.cpu())
         assert not torch.equal(a.cpu(), before.cpu())  # something was written
@@ -72,11 +74,12 @@ def test_store_drops_slots_past_the_cache(device):
     k, v = _kv(B, T, H, D, torch.float32, device, g), _kv(B, T, H, D, torch.float32, device, g)
     ours = [t.clone() for t in cache]
     kv_cache_store_quant(k, v, *ours[:2], *ours[2:], torch.tensor([2, S - 2], dtype=torch.int32, device=device))
-    ref = [t.clone() for t in cache]  # sequence 0 fully, sequence 1 its first two tokens
+    ref = [t.cpu().clone() for t in cache]  # sequence 0 fully, sequence 1 its first two tokens
+    k, v = k.cpu(), v.cpu()
     ops.kv_cache_store_quant_reference(k[:1], v[:1], *(t[:1] for t in ref[:2]), *(t[:1] for t in ref[2:]),
-                                       torch.tensor([2], dtype=torch.int32, device=device), 4, 1.0)
+                                       torch.tensor([2], dtype=torch.int32), 4, 1.0)
     ops.kv_cache_store_quant_reference(k[1:, :2], v[1:, :2], *(t[1:] for t in ref[:2]), *(t[1:] for t in ref[2:]),
-                                       torch.tensor([S - 2], dtype=torch.int32, device=device), 4, 1.0)
+                                       torch.tensor([S - 2], dtype=torch.int32), 4, 1.0)
     for a, b in zip(ours, ref):
         assert torch.equal(a.cpu(), b.cpu())
 
@@ -99,8 +102,8 @@ def test_attention_matches_reference(device, dtype, B, T, Hq, Hkv, D, S, lens):
     kc, kp, vc, vp = _filled_cache(B, Hkv, S, D, device, g)
     kv_lens = torch.tensor(lens, dtype=torch.int32, device=device)
     q = (torch.randn(B, T, Hq * D, generator=g) * 2).to(dtype).to(device)
-    ref = ops.attention_quant_kv_reference(q, kc, kp, vc, vp, kv_lens, 4)
-    out = attention_quant_kv(q, kc, kp, vc, vp, kv_lens, 4)
+    ref = ops.attention_quant_kv_reference(*(t.cpu() for t in (q, kc, kp, vc, vp, kv_lens)), 4)
+    out = attention_quant_kv(q, kc, kp, vc, vp, kv_lens, 4).cpu()
     assert out.shape == ref.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all()
     assert _rel(out, ref) < TOL[dtype]
@@ -117,8 +120,8 @@ def test_attention_split_kv(device, num_splits, max_seqlen):
     cfg = attention_config(q, kc, max_seqlen=max_seqlen, num_splits=num_splits, block_n=16)
     assert num_splits is None or cfg["num_splits"] == num_splits
     out = attention_quant_kv(q, kc, kp, vc, vp, kv_lens, 4, max_seqlen=max_seqlen, num_splits=num_splits, block_n=16)
-    ref = ops.attention_quant_kv_reference(q, kc, kp, vc, vp, kv_lens, 4)
-    assert _rel(out, ref) < 1e-5
+    ref = ops.attention_quant_kv_reference(*(t.cpu() for t in (q, kc, kp, vc, vp, kv_lens)), 4)
+    assert _rel(out.cpu(), ref) < 1e-5
 
 
 def test_store_then_decode_round_trip(device):
@@ -128,17 +131,18 @@ def test_store_then_decode_round_trip(device):
     ours = [torch.zeros(B, Hkv, S, D // 2, dtype=torch.uint8, device=device),
             torch.zeros(B, Hkv, S, 2, dtype=torch.float16, device=device)] * 2
     ours = [t.clone() for t in ours]
-    ref = [t.clone() for t in ours]
+    ref = [t.cpu().clone() for t in ours]
     lens = torch.tensor([0, 5], dtype=torch.int32, device=device)
-    ref_lens = lens.clone()
+    ref_lens = lens.cpu().clone()
     for T in (T0, 1):
         k, v = _kv(B, T, Hkv, D, torch.float32, device, g), _kv(B, T, Hkv, D, torch.float32, device, g)
         q = torch.randn(B, T, Hq * D, generator=g).to(device)
         lens = kv_cache_store_quant(k, v, *ours[:2], *ours[2:], lens, 4, 1.0)
-        ref_lens = ops.kv_cache_store_quant_reference(k, v, *ref[:2], *ref[2:], ref_lens, 4, 1.0)
+        ref_lens = ops.kv_cache_store_quant_reference(k.cpu(), v.cpu(), *ref[:2], *ref[2:], ref_lens, 4, 1.0)
         out = attention_quant_kv(q, *ours[:2], *ours[2:], lens, 4)
-        expect = ops.attention_quant_kv_reference(q, *ref[:2], *ref[2:], ref_lens, 4)
-        assert _rel(out, expect) < 1e-5
+        expect = ops.attention_quant_kv_reference(q.cpu(), *ref[:2], *ref[2:], ref_lens, 4)
+        assert _rel(out.cpu(), expect) < 1e-5
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(ours, ref))
     assert torch.equal(lens.cpu(), torch.tensor([T0 + 1, T0 + 6], dtype=torch.int32))
 
 

@@ -43,7 +43,7 @@ def test_records_orders_without_touching_the_graph(layer_graph, make_ctx, real_l
     for name, perm in orders.items():
         assert torch.equal(perm.sort().values, torch.arange(perm.numel())), f"{name}: not a permutation"
     nodes = {n.name: n for n in after.graph.nodes}
-    assert nodes["input_layernorm"].meta["atom.n_outliers"] == 64  # 576 inputs, groups of 128
+    assert nodes["input_layernorm"].meta["atom.n_outliers"] == 128  # 576 inputs: 128 outliers, groups of 64
     assert nodes["mlp_act"].meta["atom.n_outliers"] == 128  # 1536 inputs
     # q/k/v share one order: the order lives on their shared input node
     assert {n.args[0].name for n in after.graph.nodes if n.name in ("q_proj", "k_proj", "v_proj")} == {"input_layernorm"}
