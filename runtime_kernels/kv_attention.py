@@ -345,10 +345,10 @@ def _combine_kernel(po_ptr, pml_ptr, o_ptr, n_rows, T, HQ, n_splits, stride_ob, 
 
 
 def _decode_splits(base_programs: int, max_seqlen: int, block_n: int, n_sm: int) -> int:
-    """Split-KV factor: enough programs for several per SM, each still at least 4 tiles long."""
+    """Split-KV factor: about 4 programs per SM (flash decoding), at most one split per key tile."""
     tiles = triton.cdiv(max(max_seqlen, 1), block_n)
     want = triton.cdiv(4 * n_sm, max(base_programs, 1))
-    return max(1, min(want, tiles // 4 if tiles >= 8 else 1, 64))
+    return max(1, min(want, tiles, 64))
 
 
 def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, num_splits: int | None = None,

@@ -8,8 +8,9 @@ its fp32 reciprocal, so the reference run on a GPU can give scales 1 ulp off the
 Stated bounds (runtime_kernels/quantize.py explains them):
 - gather_quant: bit-exact.
 - rms_norm_quant and silu_mul_quant: every code within one of the reference's and fewer than 0.1% of
-  them off; scales within a relative 2^-7 (bf16), 2^-10 (fp16), 2^-20 (fp32) of the reference's, and
-  for bf16 / fp16 at least 99.9% of the scales bit-equal.
+  them off; scales within a relative 2^-7 (bf16), 2^-10 (fp16), 2^-20 (fp32) of the reference's (one
+  unit in the last place of the rounded absmax), and for bf16 / fp16 at most max(1, 0.1%) of the
+  scales not bit-equal.
 """
 
 import pytest
@@ -68,7 +69,7 @@ def _assert_bounded(out, ref, dtype, group_size):
         rel = ((a - b).abs() / b.abs().clamp_min(1e-30)).max()
         assert float(rel) <= SCALE_RTOL[dtype], float(rel)
         if dtype != torch.float32:
-            assert float((a == b).float().mean()) >= 0.999
+            assert int((a != b).sum()) <= max(1, a.numel() // 1000)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -76,8 +77,9 @@ def _assert_bounded(out, ref, dtype, group_size):
 def test_rms_norm_quant(device, dtype, K, g, n_out):
     M = 24 if K <= 1536 else 6
     x = _rows(M, K, dtype, device, seed=K + g + n_out)
-    w = (torch.rand(K) + 0.5).to(dtype).to(device)
-    perm = torch.randperm(K).to(device)
+    gen = torch.Generator().manual_seed(K * 3 + n_out)
+    w = (torch.rand(K, generator=gen) + 0.5).to(dtype).to(device)
+    perm = torch.randperm(K, generator=gen).to(device)
     args = (1e-5, perm, "int4", g, n_out, "int8", 0.9)
     out = rms_norm_quant(x, w, *args)
     ref = _ref(ops.rms_norm_quant_reference, x, w, *args)
@@ -88,8 +90,9 @@ def test_rms_norm_quant_variants(device):
     """No perm; fp32 weight with a bf16 input (fp32 result); leading dims [B, T]; int32 perm."""
     K, g = 576, 64
     x = _rows(2 * 5, K, torch.bfloat16, device, seed=1).view(2, 5, K)
-    w32 = (torch.rand(K) + 0.5).to(device)
-    for w, perm in ((w32, None), (w32.bfloat16(), torch.randperm(K).int().to(device))):
+    gen = torch.Generator().manual_seed(2)
+    w32 = (torch.rand(K, generator=gen) + 0.5).to(device)
+    for w, perm in ((w32, None), (w32.bfloat16(), torch.randperm(K, generator=gen).int().to(device))):
         args = (1e-6, perm, "int4", g, 64, "int8", 0.85)
         out = rms_norm_quant(x, w, *args)
         ref = _ref(ops.rms_norm_quant_reference, x, w, *args)
@@ -112,7 +115,7 @@ def test_silu_mul_quant(device, dtype, K, g, n_out):
 @pytest.mark.parametrize("K,g,n_out", SHAPES[:4])
 def test_gather_quant_bit_exact(device, dtype, K, g, n_out):
     x = _rows(16, K, dtype, device, seed=5 * K + n_out)
-    perm = torch.randperm(K).to(device)
+    perm = torch.randperm(K, generator=torch.Generator().manual_seed(K)).to(device)
     out = gather_quant(x, perm, "int4", g, n_out, "int8", 0.9)
     _assert_exact(out, _ref(ops.gather_quant_reference, x, perm, "int4", g, n_out, "int8", 0.9))
 
