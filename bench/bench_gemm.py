@@ -12,10 +12,11 @@ fp32 and bf16 outputs), then time, each under CUDA graphs (``bench.common.bench_
 K counts all input channels: K = 4096 is 3968 int4 channels (31 groups of 128) + 128 int8 outliers.
 TFLOP/s = 2 M N K / time for every column. Inputs rotate over several copies when one set fits in L2.
 
-    python -m bench.bench_gemm --out bench/results/gemm_h100.json [--quick] [--tune]
+    python -m bench.bench_gemm --out bench/results/gemm_h100.json [--quick] [--no-autotune]
 
-``--tune`` also times a list of candidate configurations per (shape, M) (compiled in parallel first) and
-records the best, which is how ``pick_config``'s table was made.
+By default ``w4a4_gemm`` autotunes: the first call of each size times ``candidates`` (compiled in parallel
+first) and keeps the fastest; the JSON records every candidate's time. ``--no-autotune`` uses
+``pick_config``'s table instead.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def time_baselines(x, w) -> dict:
 def verify(xq, wq) -> float:
     pw = wk.prepare_weight(*wq, GROUP)
     ref = quant_linear_reference(*xq, *wq, None, "int4", "int4", GROUP, "int8", 1, torch.float32)
+    wk.w4a4_gemm(*xq, pw, None, torch.bfloat16)  # the first call of a size autotunes (when enabled)
     errs = []
     for dt in (torch.float32, torch.bfloat16):
         out = torch.full((xq[0].shape[0], pw.N), float("nan"), dtype=dt, device="cuda")
@@ -134,33 +136,6 @@ def verify(xq, wq) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- tuning
-def candidates(M: int, N: int, G: int) -> list:
-    C = wk.Config
-    out = []
-    if M <= 64:
-        bm = max(16, 1 << (M - 1).bit_length())
-        for bn in (64, 128):
-            tiles = math.ceil(N / bn) * math.ceil(M / bm)
-            splits = sorted({max(1, min(G // 2, round(w * 132 / tiles))) for w in (1, 2, 4)})
-            for s in splits:
-                for st in (4, 6):
-                    out.append(C(block_n=bn, block_m=bm, split_k=s, num_warps=4, num_stages=st))
-        out.append(C(block_n=64, block_m=bm, split_k=out[2].split_k, num_warps=4, num_stages=4, dot_fp8=True))
-    elif M <= 256:
-        for bn, bm in ((64, 64), (128, 64), (64, 128)):
-            for s in (1, 2):
-                for xu in (False, True):
-                    out.append(C(block_n=bn, block_m=bm, split_k=s, num_warps=4, num_stages=4, x_unpacked=xu))
-    else:
-        for bn, bm, nw in ((64, 128, 4), (128, 64, 4), (128, 128, 8), (64, 256, 8)):
-            for xu in (False, True):
-                for st in (3, 4):
-                    out.append(C(block_n=bn, block_m=bm, split_k=1, num_warps=nw, num_stages=st, x_unpacked=xu))
-        out.append(C(block_n=64, block_m=128, num_warps=4, num_stages=4, dot_fp8=True))
-        out.append(C(block_n=64, block_m=128, num_warps=4, num_stages=4, x_unpacked=True, magic=False))
-    return out
-
-
 def _compile_job(args):
     """Worker: run one configuration once so that Triton compiles it into the shared on-disk cache."""
     M, N, K, cfg = args
@@ -185,29 +160,20 @@ def precompile(jobs, workers: int) -> None:
         print("  compile failure:", e)
 
 
-def tune_one(xq, wq, ref, M, N, G) -> list:
-    rows = []
-    pw = wk.prepare_weight(*wq, GROUP)
-    for cfg in candidates(M, N, G):
-        try:
-            y = wk.w4a4_gemm(*xq, pw, None, torch.float32, config=cfg)
-            err = rel_err(y, ref)
-            us = time_ours(xq, wq, cfg, reps=20)
-            rows.append(dict(cfg=asdict(cfg), us=us, err=err))
-        except Exception as e:  # noqa: BLE001
-            rows.append(dict(cfg=asdict(cfg), us=None, err=None, error=f"{type(e).__name__}: {str(e)[:200]}"))
-    return rows
+def _short(c) -> str:
+    return (f"n{c.block_n}m{c.block_m}s{c.split_k}w{c.num_warps}st{c.num_stages}{'x' if c.x_unpacked else ''}"
+            f"{'o' if c.out_split else ''}{'ws' if c.ws else ''}{'f8' if c.dot_fp8 else ''}{'mg' if c.magic else ''}")
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="two shapes, three M")
-    ap.add_argument("--tune", action="store_true", help="also time candidate configurations")
+    ap.add_argument("--no-autotune", action="store_true", help="use pick_config's table instead of timing the "
+                    "candidates on the first call of each size")
     ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,12288x4096 (N x K)")
     ap.add_argument("--ms", default=None, help="e.g. 16,4096")
-    ap.add_argument("--budget", type=float, default=None, help="seconds: stop tuning (not timing) after this")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_gemm needs a CUDA device")
@@ -218,23 +184,25 @@ def main(argv=None) -> None:
     if args.ms:
         ms = [int(v) for v in args.ms.split(",")]
 
-    jobs = [(M, N, K, None) for N, K in shapes for M in ms]
-    if args.tune:
-        jobs += [(M, N, K, c) for N, K in shapes for M in ms for c in candidates(M, N, (K - N_OUT) // GROUP)]
+    autotune = not args.no_autotune
+    wk.set_autotune(autotune)
+    jobs = [(M, N, K, c) for N, K in shapes for M in ms
+            for c in (wk.candidates(M, N, (K - N_OUT) // GROUP) if autotune else [None])]
     precompile(jobs, args.workers)
 
-    t_start = time.time()
     rows, tuning = [], []
     for N, K in shapes:
         for M in ms:
             x, w, xq, wq = make_problem(M, N, K)
+            n_log = len(wk.AUTOTUNE_LOG)
             try:
-                err = verify(xq, wq)
+                err = verify(xq, wq)  # (its first call autotunes this size)
             except Exception as e:  # noqa: BLE001  (recorded, and the row is marked failed)
                 print(f"VERIFY FAILED N={N} K={K} M={M}: {e!r}"[:500], flush=True)
                 err = float("nan")
             base = time_baselines(x, w)
-            cfg = wk.pick_config(M, N, (K - N_OUT) // GROUP)
+            key = (0, wk._m_bucket(M), N, (K - N_OUT) // GROUP, GROUP, N_OUT)
+            cfg = wk._TUNED.get(key) or wk.pick_config(M, N, (K - N_OUT) // GROUP)
             try:
                 ours = time_ours(xq, wq)
             except Exception as e:  # noqa: BLE001
@@ -249,22 +217,12 @@ def main(argv=None) -> None:
                        ours_tflops=tf(ours), bf16_tflops=tf(base["bf16"]),
                        x_bf16=base["bf16"] / ours, x_fp8=None if base["fp8"] is None else base["fp8"] / ours,
                        x_int8=None if base["int8"] is None else base["int8"] / ours, max_rel_err=err,
-                       config=f"n{cfg.block_n}m{cfg.block_m}s{cfg.split_k}w{cfg.num_warps}st{cfg.num_stages}"
-                              f"{'x' if cfg.x_unpacked else ''}")
-            if args.tune and (args.budget is None or time.time() - t_start < args.budget):
-                ref = quant_linear_reference(*xq, *wq, None, "int4", "int4", GROUP, "int8", 1, torch.float32)
-                cand = tune_one(xq, wq, ref, M, N, (K - N_OUT) // GROUP)
-                ok = [c for c in cand if c["us"] is not None and c["err"] is not None and c["err"] < 1e-5]
-                best = min(ok, key=lambda c: c["us"]) if ok else None
-                best_int8 = min((c for c in ok if not c["cfg"]["dot_fp8"]), key=lambda c: c["us"], default=None)
-                best_fp8 = min((c for c in cand if c["cfg"]["dot_fp8"] and c["us"] is not None),
-                               key=lambda c: c["us"], default=None)
-                row["tuned_us"] = best["us"] if best else None
-                row["x_bf16_tuned"] = base["bf16"] / best["us"] if best else None
-                tuning.append(dict(N=N, K=K, M=M, best=best, best_int8=best_int8, best_fp8dot=best_fp8,
-                                   candidates=cand))
-                print(f"  tune N={N} K={K} M={M}: best {best and best['cfg']} {best and best['us']:.2f}us; "
-                      f"fp8-dot best {best_fp8 and best_fp8['us']} (err {best_fp8 and best_fp8['err']})", flush=True)
+                       config=_short(cfg))
+            for entry in wk.AUTOTUNE_LOG[n_log:]:
+                tuning.append(dict(N=N, K=K, M=M, best=asdict(entry["best"]),
+                                   candidates=[dict(cfg=asdict(c), us=t, error=e) for c, t, e in entry["times"]]))
+                print("  autotune:", "; ".join(f"{_short(c)} {t:.1f}" if t else f"{_short(c)} {e}"
+                                              for c, t, e in entry["times"]), flush=True)
             row["fp8_variants_us"] = base["fp8_variants"]
             rows.append(row)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)

@@ -41,7 +41,7 @@ Kernel design
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -49,7 +49,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-__all__ = ["PreparedWeight", "Config", "prepare_weight", "w4a4_gemm", "pick_config", "unpack_activations"]
+__all__ = ["PreparedWeight", "Config", "prepare_weight", "w4a4_gemm", "pick_config", "candidates", "set_autotune",
+           "unpack_activations"]
 
 _MAX_TILES = 8192  # split-K arrival counters kept per prepared weight
 _MAGIC_I = 0x4B400000  # bits of 12582912.0 = 1.5 * 2^23
@@ -107,7 +108,9 @@ class Config:
     num_stages: int = 4
     group_m: int = 8  # tile swizzle: this many token tiles share a sweep over weight tiles (L2 reuse)
     x_unpacked: bool = False  # unpack activations to int8 first (large M)
-    magic: bool = True  # magic-number int32 -> fp32 conversion (else I2F)
+    magic: bool = False  # magic-number int32 -> fp32 conversion (IADD + FADD) instead of I2FP
+    out_split: bool = False  # with split-K: the outlier dot is one more program per tile, not the last split's
+    ws: bool = False  # Triton's Hopper warp specialization of the main loop (TMA producer, MMA consumers)
     dot_fp8: bool = False  # FP8 e4m3 tensor-core dots instead of int8 (experiment; not for the interpreter)
 
 
@@ -159,6 +162,54 @@ def _unpack16(p, USE_ASM: tl.constexpr, DOT_FP8: tl.constexpr):
 
 
 @triton.jit
+def _group_dot(w_desc, x_desc, n0, m0, gi, HALF: tl.constexpr, X_UNPACKED: tl.constexpr, USE_ASM: tl.constexpr,
+               DOT_FP8: tl.constexpr):
+    """One group's dot product, [BLOCK_N, BLOCK_M]: int32 (256 x the code dot) or fp32 (FP8 dots)."""
+    w = w_desc.load([n0, gi * HALF])  # [BLOCK_N, HALF] packed bytes
+    wl, wh = _unpack16(w, USE_ASM, DOT_FP8)
+    if X_UNPACKED:
+        xl = x_desc.load([m0, gi * 2 * HALF])  # [BLOCK_M, HALF] int8, already x16
+        xh = x_desc.load([m0, gi * 2 * HALF + HALF])
+    else:
+        x = x_desc.load([m0, gi * HALF])
+        xl, xh = _unpack16(x, USE_ASM, DOT_FP8)
+    if DOT_FP8:
+        d = tl.dot(wl, tl.trans(xl))
+        d = tl.dot(wh, tl.trans(xh), d)
+    else:
+        d = tl.dot(wl, tl.trans(xl), out_dtype=tl.int32)
+        d = tl.dot(wh, tl.trans(xh), d, out_dtype=tl.int32)
+    return d
+
+
+@triton.jit
+def _group_scales(sw_base, sx_base, gi, G, N, n_mask, m_mask, K_TAIL: tl.constexpr, DOT_FP8: tl.constexpr):
+    """(weight scales of group gi for the tile's rows, activation scales for its tokens)."""
+    if K_TAIL:  # the last split may run past G: its extra groups read as zeros (TMA bounds, masks)
+        ok = gi < G
+        sw = tl.load(sw_base + gi * N, mask=n_mask & ok, other=0.0)
+        sx = tl.load(sx_base + gi, mask=m_mask & ok, other=0.0)
+    else:
+        sw = tl.load(sw_base + gi * N, mask=n_mask, other=0.0)
+        sx = tl.load(sx_base + gi, mask=m_mask, other=0.0)
+    if not DOT_FP8:
+        sw = sw * (1.0 / 256.0)  # both int8 operands carry a factor 16
+    return sw, sx
+
+
+@triton.jit
+def _rescale(acc, d, sw, sx, MAGIC: tl.constexpr):
+    """acc + float(d) * sw[:, None] * sx[None, :]."""
+    if d.dtype == tl.float32:
+        f = d
+    elif MAGIC:  # exact for |d| < 2^22: the bits of 1.5 * 2^23 + d, read as a float, minus 1.5 * 2^23
+        f = (d + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    else:
+        f = d.to(tl.float32)
+    return tl.fma(f * sw[:, None], sx[None, :], acc)  # no [BLOCK_N, BLOCK_M] scale tensor held in registers
+
+
+@triton.jit
 def _w4a4_kernel(
     x_desc, xs_ptr, xo_desc, xos_ptr,
     w_desc, wst_ptr, wo_desc, wos_ptr,
@@ -167,15 +218,15 @@ def _w4a4_kernel(
     s_xs, s_xos, s_out,
     HALF: tl.constexpr, NOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ITERS: tl.constexpr, K_TAIL: tl.constexpr,
+    NSPLIT: tl.constexpr, ITERS: tl.constexpr, K_TAIL: tl.constexpr, WS: tl.constexpr,
     X_UNPACKED: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, MAGIC: tl.constexpr,
     DOT_FP8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    pid_k = pid % SPLIT_K
-    t = pid // SPLIT_K
+    pid_k = pid % NSPLIT
+    t = pid // NSPLIT
     in_group = GROUP_M * num_pid_n
     first_m = (t // in_group) * GROUP_M
     gsz = tl.minimum(num_pid_m - first_m, GROUP_M)
@@ -190,50 +241,17 @@ def _w4a4_kernel(
     m_mask = offs_m < M
     g0 = pid_k * ITERS
 
-    sw_ptrs = wst_ptr + g0 * N + offs_n
-    sx_ptrs = xs_ptr + offs_m * s_xs + g0
+    sw_base = wst_ptr + offs_n
+    sx_base = xs_ptr + offs_m * s_xs
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    magic = tl.full([BLOCK_N, BLOCK_M], 0x4B400000, dtype=tl.int32)
-    for i in range(ITERS):
-        gi = g0 + i
-        if K_TAIL:  # the last split may run past G: its extra groups read as zeros (TMA bounds, masks)
-            ok = gi < G
-            sw = tl.load(sw_ptrs, mask=n_mask & ok, other=0.0)
-            sx = tl.load(sx_ptrs, mask=m_mask & ok, other=0.0)
-        else:
-            sw = tl.load(sw_ptrs, mask=n_mask, other=0.0)
-            sx = tl.load(sx_ptrs, mask=m_mask, other=0.0)
-        w = w_desc.load([n0, gi * HALF])  # [BLOCK_N, HALF] packed bytes
-        wl, wh = _unpack16(w, USE_ASM, DOT_FP8)
-        if X_UNPACKED:
-            xl = x_desc.load([m0, gi * 2 * HALF])  # [BLOCK_M, HALF] int8, already x16
-            xh = x_desc.load([m0, gi * 2 * HALF + HALF])
-        else:
-            x = x_desc.load([m0, gi * HALF])
-            xl, xh = _unpack16(x, USE_ASM, DOT_FP8)
-        xl = tl.trans(xl)
-        xh = tl.trans(xh)
-        if DOT_FP8:
-            f = tl.dot(wl, xl)
-            f = tl.dot(wh, xh, f)
-            sw_eff = sw
-        elif MAGIC:
-            d = tl.dot(wl, xl, magic, out_dtype=tl.int32)
-            d = tl.dot(wh, xh, d, out_dtype=tl.int32)
-            f = d.to(tl.float32, bitcast=True) - 12582912.0
-            sw_eff = sw * (1.0 / 256.0)  # both int8 operands carry a factor 16
-        else:
-            d = tl.dot(wl, xl, out_dtype=tl.int32)
-            d = tl.dot(wh, xh, d, out_dtype=tl.int32)
-            f = d.to(tl.float32)
-            sw_eff = sw * (1.0 / 256.0)
-        s = sw_eff[:, None] * sx[None, :]
-        acc = tl.fma(f, s, acc)
-        sw_ptrs += N
-        sx_ptrs += 1
+    if pid_k < SPLIT_K:  # (with OUT_SPLIT, program SPLIT_K of a tile does the outliers alone)
+        for i in tl.range(ITERS, warp_specialize=WS):
+            d = _group_dot(w_desc, x_desc, n0, m0, g0 + i, HALF, X_UNPACKED, USE_ASM, DOT_FP8)
+            sw, sx = _group_scales(sw_base, sx_base, g0 + i, G, N, n_mask, m_mask, K_TAIL, DOT_FP8)
+            acc = _rescale(acc, d, sw, sx, MAGIC)
 
     if NOUT > 0:
-        if pid_k == SPLIT_K - 1:
+        if pid_k == NSPLIT - 1:
             wo = wo_desc.load([n0, 0])  # [BLOCK_N, NOUT]; columns past n_out read as zeros
             xo = xo_desc.load([m0, 0])  # [BLOCK_M, NOUT]
             do = tl.dot(wo, tl.trans(xo), out_dtype=tl.int32)
@@ -243,7 +261,7 @@ def _w4a4_kernel(
 
     out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * s_out + offs_n[:, None]
     out_mask = n_mask[:, None] & m_mask[None, :]
-    if SPLIT_K == 1:
+    if NSPLIT == 1:
         y = acc
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
@@ -254,9 +272,9 @@ def _w4a4_kernel(
         tl.debug_barrier()  # every thread's partial is written before the arrival is published
         tile = pid_m * num_pid_n + pid_n
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:  # the last program of this tile: reduce in split order
+        if arrived == NSPLIT - 1:  # the last program of this tile: reduce in split order
             y = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
+            for s in tl.static_range(NSPLIT):
                 y += tl.load(part_ptr + s * MN + p_off, mask=out_mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
@@ -313,19 +331,101 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
+def _split_for(M: int, N: int, G: int, bn: int, bm: int, waves: float, sms: int = 132) -> int:
+    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+    return max(1, min(G // 2, round(waves * sms / tiles)))
+
+
 def pick_config(M: int, N: int, G: int, sms: int = 132) -> Config:
-    """Launch configuration by problem size (from the H100 tuning runs recorded in docs/notes_gemm.md)."""
+    """Launch configuration by problem size, without timing anything (the H100 tuning runs recorded in
+    docs/notes_gemm.md chose these)."""
     if _interpreting():
         return Config(block_n=32, block_m=16, split_k=2 if G >= 2 else 1, num_warps=4, num_stages=1)
+    if M <= 32:
+        bm = max(16, _next_pow2(M))
+        return Config(block_n=64, block_m=bm, split_k=_split_for(M, N, G, 64, bm, 4, sms), num_stages=4)
+    if M <= 64:
+        return Config(block_n=64, block_m=64, split_k=_split_for(M, N, G, 64, 64, 2, sms), num_stages=4)
+    if M <= 256:
+        return Config(block_n=128, block_m=64, split_k=_split_for(M, N, G, 128, 64, 1, sms), num_stages=4)
+    return Config(block_n=128, block_m=64, split_k=1, num_warps=4, num_stages=3)
+
+
+def candidates(M: int, N: int, G: int, sms: int = 132) -> list[Config]:
+    """The configurations the autotuner times for a problem size (first entry: ``pick_config``'s)."""
+    C = Config
+    out = [pick_config(M, N, G, sms)]
     if M <= 64:
         bm = max(16, _next_pow2(M))
-        bn = 64
-        tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
-        split = max(1, min(G // 2, round(2 * sms / tiles)))
-        return Config(block_n=bn, block_m=bm, split_k=split, num_warps=4, num_stages=4)
-    if M <= 256:
-        return Config(block_n=128, block_m=64, split_k=1, num_warps=4, num_stages=4)
-    return Config(block_n=128, block_m=128, split_k=1, num_warps=8, num_stages=3, x_unpacked=M >= 1024)
+        for bn, waves, st in ((64, 2, 4), (64, 4, 5), (128, 2, 4), (128, 1, 5)):
+            sk = _split_for(M, N, G, bn, bm, waves, sms)
+            out.append(C(block_n=bn, block_m=bm, split_k=sk, num_stages=st))
+            out.append(C(block_n=bn, block_m=bm, split_k=sk, num_stages=st, out_split=True))
+        out.append(C(block_n=32, block_m=bm, split_k=1, num_stages=8))
+        out.append(C(block_n=16, block_m=bm, split_k=1, num_stages=8))
+    elif M <= 256:
+        for bn, bm, waves in ((128, 64, 1), (128, 64, 2), (64, 128, 2), (64, 64, 2)):
+            out.append(C(block_n=bn, block_m=bm, split_k=_split_for(M, N, G, bn, bm, waves, sms), num_stages=4))
+        out.append(C(block_n=128, block_m=64, num_stages=4, x_unpacked=True, ws=True))
+        out.append(C(block_n=128, block_m=128, num_stages=4, x_unpacked=True, ws=True))
+    else:
+        out += [C(block_n=64, block_m=128, num_stages=4, x_unpacked=True),
+                C(block_n=128, block_m=64, num_stages=4),
+                C(block_n=128, block_m=128, num_stages=3, x_unpacked=True, ws=True),
+                C(block_n=128, block_m=128, num_stages=4, x_unpacked=True, ws=True),
+                C(block_n=128, block_m=64, num_stages=4, x_unpacked=True, ws=True),
+                C(block_n=128, block_m=64, num_stages=6, x_unpacked=True, ws=True)]
+    seen, uniq = set(), []
+    for c in out:
+        if c not in seen:
+            seen.add(c)
+            uniq.append(c)
+    return uniq
+
+
+# ----------------------------------------------------------------------------------------------- autotuning
+_TUNED: dict = {}  # (device, M bucket, N, G, g, n_out) -> Config
+AUTOTUNE_LOG: list = []  # one entry per tuned key: the candidates' median times
+
+
+def _m_bucket(M: int) -> int:
+    return min(max(16, _next_pow2(M)), 8192)
+
+
+def set_autotune(enabled: bool) -> None:
+    """Time the ``candidates`` on the first call of each problem size (M rounded up to a power of two)
+    and keep the fastest; off by default unless ATOM_W4A4_AUTOTUNE=1. Never during CUDA-graph capture."""
+    global _AUTOTUNE
+    _AUTOTUNE = enabled
+
+
+_AUTOTUNE = os.environ.get("ATOM_W4A4_AUTOTUNE", "0") == "1"
+
+
+def _autotune(args, key, M, N, G) -> Config:
+    from triton.testing import do_bench
+
+    xq, xs, xo, xos, pw, bias, out = args
+    times, first = [], None
+    for cfg in candidates(M, N, G):
+        try:
+            _launch(xq, xs, xo, xos, pw, bias, out, cfg)
+            y = out.float()
+            if first is None:
+                first = y
+            elif not torch.isfinite(y).all() or (y - first).norm() > 1e-2 * first.norm():
+                times.append((cfg, None, "output differs from the first candidate's"))
+                continue
+            us = 1000 * do_bench(lambda c=cfg: _launch(xq, xs, xo, xos, pw, bias, out, c), warmup=5, rep=40,
+                                 return_mode="median")
+        except Exception as e:  # noqa: BLE001  (a candidate that does not compile here is skipped)
+            times.append((cfg, None, f"{type(e).__name__}: {str(e)[:200]}"))
+            continue
+        times.append((cfg, us, None))
+    ok = [(c, t) for c, t, _ in times if t is not None]
+    best = min(ok, key=lambda ct: ct[1])[0] if ok else pick_config(M, N, G)
+    AUTOTUNE_LOG.append(dict(key=key, M=M, N=N, G=G, best=best, times=times))
+    return best
 
 
 def w4a4_gemm(
@@ -370,18 +470,39 @@ def w4a4_gemm(
     xos = xos.reshape(M, 1)
     if xos.dtype != torch.float32:
         xos = xos.float()
+    if config is None:
+        key = (xq.device.index, _m_bucket(M), N, G, g, n_out)
+        config = _TUNED.get(key)
+        if config is None:
+            if _AUTOTUNE and not _interpreting() and not torch.cuda.is_current_stream_capturing():
+                config = _TUNED[key] = _autotune((xq, xs, xo, xos, pw, bias, out), key, M, N, G)
+            else:
+                config = pick_config(M, N, G)
+    _launch(xq, xs, xo, xos, pw, bias, out, config)
+    return out
+
+
+def _use_ws(cfg: Config, nsplit: int, interp: bool) -> bool:
+    """Triton 3.6's Hopper warp specialization splits the tile's rows over two consumer warpgroups only
+    for block_n >= 128 (at 64 both consumers computed the whole tile) and fails to compile the in-kernel
+    activation unpacking: use it only where it was seen to work."""
+    return cfg.ws and not interp and cfg.x_unpacked and cfg.block_n >= 128 and nsplit == 1
+
+
+def _launch(xq, xs, xo, xos, pw: PreparedWeight, bias, out, cfg: Config) -> None:
+    M, N, G, n_out = xq.shape[0], pw.N, pw.groups, pw.n_out
+    g = pw.group_size
+    half = g // 2
     interp = _interpreting()
-    cfg = config or pick_config(M, N, G)
     if cfg.dot_fp8 and interp:
         raise ValueError("dot_fp8 configurations run on the GPU only")
-    split = max(1, min(cfg.split_k, G))
+    tiles = triton.cdiv(N, cfg.block_n) * triton.cdiv(M, cfg.block_m)
+    split = max(1, min(cfg.split_k, G)) if tiles <= pw.counters.numel() else 1
     iters = triton.cdiv(G, split)
     split = triton.cdiv(G, iters)  # no split left without groups
-    tiles = triton.cdiv(N, cfg.block_n) * triton.cdiv(M, cfg.block_m)
-    if tiles > pw.counters.numel():
-        split = 1
-    if split > 1:
-        part = torch.empty((split, M, N), dtype=torch.float32, device=xq.device)
+    nsplit = split + (1 if (cfg.out_split and split > 1 and n_out) else 0)
+    if nsplit > 1:
+        part = torch.empty((nsplit, M, N), dtype=torch.float32, device=xq.device)
     else:
         part = out  # unused
     if cfg.x_unpacked:
@@ -395,7 +516,7 @@ def w4a4_gemm(
         xo_desc = TensorDescriptor.from_tensor(_aligned(_pad16(xo)), [cfg.block_m, nout_p])
     else:
         wo_desc = xo_desc = w_desc  # unused
-    grid = (tiles * split,)
+    grid = (tiles * nsplit,)
     _w4a4_kernel[grid](
         x_desc, xs, xo_desc, xos,
         w_desc, pw.ws_t, wo_desc, pw.wos,
@@ -404,13 +525,8 @@ def w4a4_gemm(
         xs.stride(0), xos.stride(0), out.stride(0),
         HALF=half, NOUT=nout_p,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SPLIT_K=split, GROUP_M=cfg.group_m,
-        ITERS=iters, K_TAIL=split * iters != G,
+        NSPLIT=nsplit, ITERS=iters, K_TAIL=split * iters != G, WS=_use_ws(cfg, nsplit, interp),
         X_UNPACKED=cfg.x_unpacked, HAS_BIAS=bias is not None, USE_ASM=not interp, MAGIC=cfg.magic,
         DOT_FP8=cfg.dot_fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out
-
-
-def with_config(cfg: Config, **kw) -> Config:
-    return replace(cfg, **kw)

@@ -82,18 +82,21 @@ def test_other_bias_dtype_combinations(device, dtype, bias):
     check(xq, wq, b, 128, dtype)
 
 
-# Configurations the GPU heuristics use, at interpreter-friendly sizes: split-K with an uneven last split
-# (11 groups over 3 and 4 splits), no split, the pre-unpacked activation path, I2F conversion, N and M tails.
+# Configurations the GPU heuristics and the autotuner use, at interpreter-friendly sizes: split-K with an
+# uneven last split (11 groups over 3, 4 and 5 splits), the outliers as one more split, no split, the
+# pre-unpacked activation path, the magic-number int -> float conversion, N and M tails.
 CONFIGS = [
     Config(block_n=32, block_m=16, split_k=3, num_stages=1),
     Config(block_n=64, block_m=32, split_k=4, num_stages=1, x_unpacked=True),
     Config(block_n=16, block_m=64, split_k=1, num_stages=1),
-    Config(block_n=64, block_m=16, split_k=1, num_stages=1, x_unpacked=True, magic=False),
+    Config(block_n=64, block_m=16, split_k=1, num_stages=1, x_unpacked=True, magic=True),
+    Config(block_n=16, block_m=16, split_k=5, num_stages=1, out_split=True),
+    Config(block_n=32, block_m=64, split_k=2, num_stages=1, x_unpacked=True, out_split=True),
 ]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"n{c.block_n}m{c.block_m}s{c.split_k}"
-                         f"{'x' if c.x_unpacked else ''}{'' if c.magic else 'i2f'}")
+                         f"{'x' if c.x_unpacked else ''}{'magic' if c.magic else ''}{'o' if c.out_split else ''}")
 def test_configs(device, config):
     xq, wq, b = make_case(37, 80, 1536, 128, 128, seed=3, device=device)
     check(xq, wq, b, 128, torch.float32, config)
