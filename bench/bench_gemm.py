@@ -174,9 +174,22 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,12288x4096 (N x K)")
     ap.add_argument("--ms", default=None, help="e.g. 16,4096")
+    ap.add_argument("--profile", default=None, help="N,K,M: just run one size 3 times (for ncu), with --cfg")
+    ap.add_argument("--cfg", default="", help="Config fields for --profile, e.g. block_n=128,block_m=64,ws=1")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_gemm needs a CUDA device")
+    if args.profile:
+        N, K, M = (int(v) for v in args.profile.split(","))
+        fields = {k: int(v) for k, v in (kv.split("=") for kv in args.cfg.split(",") if kv)}
+        cfg = wk.Config(**{k: (bool(v) if isinstance(getattr(wk.Config, k), bool) else v) for k, v in fields.items()})
+        _, _, xq, wq = make_problem(M, N, K)
+        pw = wk.prepare_weight(*wq, GROUP)
+        for _ in range(3):
+            wk.w4a4_gemm(*xq, pw, None, torch.bfloat16, config=cfg)
+        torch.cuda.synchronize()
+        print("profiled", N, K, M, cfg)
+        return
     shapes = SHAPES[:2] if args.quick else SHAPES
     ms = [16, 256, 4096] if args.quick else MS
     if args.shapes:
