@@ -8,6 +8,7 @@
 
 from atom_compile import ops  # noqa: F401  (registers torch.ops.atom before anything traces)
 from atom_compile.calibration import NonFiniteActivationError
+from atom_compile.checkpoint import CheckpointError, load, save
 from atom_compile.compiler import compile
 from atom_compile.config import PRESETS, AtomConfig, ConfigError, get_config
 from atom_compile.data import CalibrationDataError
@@ -17,6 +18,6 @@ from atom_compile.runtime import AtomForCausalLM
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "load_model", "AtomConfig", "PRESETS", "get_config", "AtomForCausalLM", "ConfigError",
+    "compile", "load", "save", "CheckpointError", "load_model", "AtomConfig", "PRESETS", "get_config", "AtomForCausalLM", "ConfigError",
     "CalibrationDataError", "NonFiniteActivationError", "ModelLoadError", "UnsupportedArchitectureError",
 ]

@@ -85,15 +85,34 @@ def _compile(model, tok, cfg, args, dump_dir=None):
     )
 
 
+def _models(args, names: list[str]):
+    """(name, compile-or-load thunk) per model to evaluate, and the tokenizer.
+
+    A checkpoint directory (``atom-compile quantize --out DIR``) is evaluated as saved; otherwise the model
+    is loaded once and compiled with each config.
+    """
+    from atom_compile.checkpoint import is_checkpoint, load
+
+    if is_checkpoint(args.model):
+        qmodel = load(args.model, device=args.device)
+        return [(f"checkpoint:{qmodel.atom_config.name}", lambda: qmodel)], qmodel.tokenizer
+    configs = _configs(names, args)
+    model, tok = _load(args)
+    return [(cfg.name, lambda cfg=cfg: _compile(model, tok, cfg, args, _dump(args, cfg.name))) for cfg in configs], tok
+
+
+def _dump(args, name):
+    return str(Path(args.dump_dir) / name) if getattr(args, "dump_dir", None) else None
+
+
 def cmd_eval(args) -> int:
     from atom_compile.data import BUNDLED_EVAL, read_text, tokenize, windows
     from atom_compile.evaluate import perplexity
 
-    configs = _configs(args.configs.split(","), args)
     texts = args.text_file or [str(BUNDLED_EVAL)]
     for path in texts:
         read_text(path)  # a missing or empty file fails before the model loads
-    model, tok = _load(args)
+    makers, tok = _models(args, args.configs.split(","))
     evals = {}
     for path in texts:
         ids = tokenize(read_text(path), tok)
@@ -102,11 +121,9 @@ def cmd_eval(args) -> int:
         evals[path] = windows(ids, args.seqlen)
     rows, records = [], []
     fp_ppl: dict[str, float] = {}
-    for cfg in configs:
-        name = cfg.name
+    for name, make in makers:
         start = time.perf_counter()
-        dump = str(Path(args.dump_dir) / name) if args.dump_dir else None
-        qmodel = _compile(model, tok, cfg, args, dump)
+        qmodel = make()
         compile_s = time.perf_counter() - start
         for path, w in evals.items():
             r = perplexity(qmodel, w, batch_size=args.batch_size, device=args.device, desc=f"{name} {Path(path).name}")
@@ -131,10 +148,21 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    ((_, make),), _ = _models(args, [args.config])
+    print(make().generate_text(args.prompt, args.max_new_tokens))
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from atom_compile.checkpoint import save
+
     (cfg,) = _configs([args.config], args)
     model, tok = _load(args)
     qmodel = _compile(model, tok, cfg, args)
-    print(qmodel.generate_text(args.prompt, args.max_new_tokens))
+    sizes = save(qmodel, args.out, source=args.model)
+    print(tabulate([[args.out, cfg.name, f"{sizes['bytes'] / 2**20:.1f} MiB", f"{sizes['fp16_bytes'] / 2**20:.1f} MiB",
+                     f"{sizes['fp16_bytes'] / sizes['bytes']:.2f}x"]],
+                   headers=["checkpoint", "config", "size on disk", "fp16 model", "smaller by"], tablefmt="github"))
     return 0
 
 
@@ -154,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per config and text")
     p.add_argument("--out", default=None, help="also write all results to this JSON file")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quantize", help="quantize and save a checkpoint (safetensors + JSON)")
+    _add_model_args(p)
+    _add_calib_args(p)
+    p.add_argument("--config", default="atom-w4a4")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("generate", help="quantize, then continue a prompt")
     _add_model_args(p)

@@ -89,6 +89,7 @@ def compile(
         rotary_emb=decoder.rotary_emb,
         config=cfg,
         tokenizer=tokenizer,
+        hf_config=model.config.to_dict(),
     )
 
 

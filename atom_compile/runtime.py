@@ -29,6 +29,7 @@ class AtomForCausalLM(nn.Module):
         rotary_emb: nn.Module,
         config,
         tokenizer=None,
+        hf_config: dict | None = None,
     ):
         super().__init__()
         self.arch = arch
@@ -40,6 +41,7 @@ class AtomForCausalLM(nn.Module):
         self.rotary_emb = rotary_emb
         self.atom_config = config
         self.tokenizer = tokenizer
+        self.hf_config = hf_config  # the source model's config, for saving and for lm-eval
 
     @property
     def device(self) -> torch.device:

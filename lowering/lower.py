@@ -62,6 +62,7 @@ def lower(gm: fx.GraphModule, backend: str = "reference") -> fx.GraphModule:
             raise LoweringError(f"backend {backend!r} has no implementation of {target} (node {node.name})")
         if binding.prepare is not None:
             binding.prepare(gm, node)
+        node.meta["atom.op"] = target  # what the node computes, kept for checkpoints and re-lowering
         node.target = binding.fn
         node.meta["atom.binding"] = binding.name
         config = binding.describe(node) if binding.describe else binding.config
