@@ -31,8 +31,18 @@ def _rows(M, K, device, seed):
     return x.to(torch.bfloat16)
 
 
+CHECK_ROWS = 1024
+
+
+def _cpu_rows(*tensors):
+    """The first CHECK_ROWS rows on the CPU (1-D tensors, weights and perms, whole)."""
+    return [t[:CHECK_ROWS].cpu() if t.dim() > 1 else t.cpu() for t in tensors]
+
+
 def _check(out, ref, group_size, exact):
-    """The bound stated in runtime_kernels/quantize.py (bit-exact for gather_quant)."""
+    """The bound stated in runtime_kernels/quantize.py (bit-exact for gather_quant), against the reference op
+    run on the CPU (the definition: torch's CUDA division by a Python scalar is a multiply by its reciprocal)."""
+    out = _cpu_rows(*out)
     q, s, o, os_ = out
     rq, rs, ro, ros = ref
     if exact:
@@ -48,7 +58,7 @@ def _check(out, ref, group_size, exact):
     for a, b in ((s, rs), (os_, ros)):
         rel = float(((a - b).abs() / b.abs().clamp_min(1e-30)).max())
         assert rel <= 2.0**-7, f"scale rel err {rel}"
-        assert float((a == b).float().mean()) >= 0.999
+        assert int((a != b).sum()) <= max(1, a.numel() // 1000), "too many scales not bit-equal"
     return f"codes off by 1: {worst:.1e}"
 
 
@@ -59,9 +69,11 @@ def _bytes(M, K, n_out, g, inputs: int, extra_in: int) -> int:
     return read + written
 
 
-def _time(fn, ref_fn, nbytes, copy_gbs, label, shape, check, sweep_configs=()):
+def _time(fn, ref_fn, cpu_ref, nbytes, copy_gbs, label, shape, check, sweep_configs=()):
+    """fn: the kernel; ref_fn: the reference op on the GPU (timed only); cpu_ref: the reference on the CPU for
+    the first CHECK_ROWS rows (what fn is checked against)."""
     out = fn()
-    ref = ref_fn()
+    ref = cpu_ref()
     status = check(out, ref)
     us = bench_us(fn)
     try:
@@ -111,6 +123,7 @@ def main(argv=None):
                  for r in (1, 2, 4, 8) for nw in (4, 8, 16)]
     rows += _time(lambda: rms_norm_quant(x, w, EPS, perm, *qargs),
                   lambda: ops.rms_norm_quant_reference(x, w, EPS, perm, *qargs),
+                  lambda: ops.rms_norm_quant_reference(*_cpu_rows(x, w), EPS, perm.cpu(), *qargs),
                   _bytes(M, K, n_out, g, 1, K * 2 + K * perm.element_size()), copy_gbs,
                   "rms_norm_quant", f"{M}x{K}", lambda o, r: _check(o, r, g, False), sweep)
 
@@ -121,6 +134,7 @@ def main(argv=None):
                                                                           num_warps=nw)))
                  for r in (1, 4, 8) for nw in (4, 8, 16)]
     rows += _time(lambda: gather_quant(x, perm, *qargs), lambda: ops.gather_quant_reference(x, perm, *qargs),
+                  lambda: ops.gather_quant_reference(*_cpu_rows(x, perm), *qargs),
                   _bytes(M, K, n_out, g, 1, K * perm.element_size()), copy_gbs,
                   "gather_quant", f"{M}x{K}", lambda o, r: _check(o, r, g, True), sweep)
     del x
@@ -136,6 +150,7 @@ def main(argv=None):
                      for gb in (4, 8, 16, 32) for nw in (2, 4, 8)]
         rows += _time(lambda: silu_mul_quant(gate, up, *qargs),
                       lambda: ops.silu_mul_quant_reference(gate, up, *qargs),
+                      lambda: ops.silu_mul_quant_reference(*_cpu_rows(gate, up), *qargs),
                       _bytes(M, K, n_out, g, 2, 0), copy_gbs, "silu_mul_quant", f"{M}x{K}",
                       lambda o, r: _check(o, r, g, False), sweep)
         del gate, up

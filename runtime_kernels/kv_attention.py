@@ -159,6 +159,42 @@ def kv_cache_store_quant(k: Tensor, v: Tensor, k_cache: Tensor, k_params: Tensor
 
 
 # ============================================================================ attention
+_NIBBLE_ASM = """
+{{
+.reg .b32 t01, t23, m, z;
+mov.b32 m, 0x64006400;
+mov.b32 z, 0;
+prmt.b32 t01, $2, z, 0x4140;
+prmt.b32 t23, $2, z, 0x4342;
+{shift}
+lop3.b32 $0, t01, 0x000F000F, m, 0xEA;
+lop3.b32 $1, t23, 0x000F000F, m, 0xEA;
+sub.f16x2 $0, $0, m;
+sub.f16x2 $1, $1, m;
+}}
+"""
+_ASM_LO = tl.constexpr(_NIBBLE_ASM.format(shift=""))
+_ASM_HI = tl.constexpr(_NIBBLE_ASM.format(shift="shr.u32 t01, t01, 4;\nshr.u32 t23, t23, 4;"))
+
+
+@triton.jit
+def _nibble_lo_f16(c):
+    """uint8 codes -> their low nibbles as fp16 values 0..15, four bytes per asm block.
+
+    fp16 bits 0x6400 | n are 1024 + n exactly: the bytes are spread over half-words (prmt), masked and or-ed
+    with 0x6400 (lop3), then 1024 is subtracted (sub.f16x2). About 1.5 integer instructions per element
+    instead of a quarter-rate int-to-float conversion; and a pure unary elementwise op, so Triton may move
+    the conversion to the dot-operand layout in front of it (onto the 1-byte codes).
+    """
+    return tl.inline_asm_elementwise(_ASM_LO, "=r,=r,r", [c], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _nibble_hi_f16(c):
+    """uint8 codes -> their high nibbles as fp16 values 0..15 (see _nibble_lo_f16)."""
+    return tl.inline_asm_elementwise(_ASM_HI, "=r,=r,r", [c], dtype=tl.float16, is_pure=True, pack=4)
+
+
 @triton.jit
 def _unpack_params(p32):
     """int32 view of an fp16 (scale, zero) pair -> (scale, zero) in fp32 (little endian: scale is the low half)."""
@@ -171,23 +207,27 @@ def _unpack_params(p32):
 def _attn_block(start, n_end, qpos, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
                 kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
                 HALF: tl.constexpr, BLOCK_N: tl.constexpr, QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr,
-                IEEE: tl.constexpr):
+                IEEE: tl.constexpr, FAST_UNPACK: tl.constexpr):
     """One tile of BLOCK_N keys [start, start + BLOCK_N) (masked at n_end): scores, online softmax, P.V."""
     dd = tl.arange(0, HALF)
     n = start + tl.arange(0, BLOCK_N)
     n_ok = n < n_end
     slot = n.to(tl.int64)  # paging: slot -> block_table[b, slot // PAGE] * page_stride + slot % PAGE
     # ---- scores: s * (q . c - z * sum(q)), in log2 units
-    kc = tl.load(kc_base + slot[:, None] * stride_kcs + dd[None, :], mask=n_ok[:, None], other=0)
+    kt = tl.load(kc_base + slot[None, :] * stride_kcs + dd[:, None], mask=n_ok[None, :], other=0)  # [HALF, BLOCK_N]
     k_scale, k_zero = _unpack_params(tl.load(kp_base + slot * stride_kps, mask=n_ok, other=0))
-    k_lo = (kc & 15).to(QK_DTYPE)
-    k_hi = (kc >> 4).to(QK_DTYPE)
-    if IEEE:
-        r = tl.dot(q_lo, tl.trans(k_lo), input_precision="ieee")
-        r += tl.dot(q_hi, tl.trans(k_hi), input_precision="ieee")
+    if FAST_UNPACK:
+        k_lo = _nibble_lo_f16(kt)
+        k_hi = _nibble_hi_f16(kt)
     else:
-        r = tl.dot(q_lo, tl.trans(k_lo))
-        r += tl.dot(q_hi, tl.trans(k_hi))
+        k_lo = (kt & 15).to(QK_DTYPE)
+        k_hi = (kt >> 4).to(QK_DTYPE)
+    if IEEE:
+        r = tl.dot(q_lo, k_lo, input_precision="ieee")
+        r += tl.dot(q_hi, k_hi, input_precision="ieee")
+    else:
+        r = tl.dot(q_lo, k_lo)
+        r += tl.dot(q_hi, k_hi)
     s = (r - qsum[:, None] * k_zero[None, :]) * (k_scale * qk_scale)[None, :]
     visible = (n[None, :] <= qpos[:, None]) & n_ok[None, :]
     s = tl.where(visible, s, float("-inf"))
@@ -209,8 +249,14 @@ def _attn_block(start, n_end, qpos, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, a
     else:
         s_max = tl.maximum(tl.max(v_scale, axis=0), 1e-30)
         pn = (p * (v_scale * (1.0 / s_max))[None, :]).to(PV_DTYPE)
-        pv_lo = tl.dot(pn, (vc & 15).to(PV_DTYPE)) * s_max
-        pv_hi = tl.dot(pn, (vc >> 4).to(PV_DTYPE)) * s_max
+        if FAST_UNPACK:
+            v_lo = _nibble_lo_f16(vc)
+            v_hi = _nibble_hi_f16(vc)
+        else:
+            v_lo = (vc & 15).to(PV_DTYPE)
+            v_hi = (vc >> 4).to(PV_DTYPE)
+        pv_lo = tl.dot(pn, v_lo) * s_max
+        pv_hi = tl.dot(pn, v_hi) * s_max
         z_i = z_i * alpha + tl.sum(pn.to(tl.float32) * v_zero[None, :], axis=1) * s_max
     acc_lo = acc_lo * alpha[:, None] + pv_lo
     acc_hi = acc_hi * alpha[:, None] + pv_hi
@@ -229,7 +275,7 @@ def _attn_fwd_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,  # write unnormalized partials (split-KV) instead of the output
     QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, IEEE: tl.constexpr, OUT_BF16: tl.constexpr,
-    INTERP_LOOP: tl.constexpr, MAX_TILES: tl.constexpr,
+    INTERP_LOOP: tl.constexpr, MAX_TILES: tl.constexpr, FAST_UNPACK: tl.constexpr,
 ):
     """One program: BLOCK_M rows of (token, query head of one KV group) x one KV range of one sequence.
 
@@ -284,13 +330,13 @@ def _attn_fwd_kernel(
             m_i, l_i, z_i, acc_lo, acc_hi = _attn_block(
                 n_lo + it * BLOCK_N, n_end, qpos, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
                 kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
-                HALF, BLOCK_N, QK_DTYPE, PV_DTYPE, IEEE)
+                HALF, BLOCK_N, QK_DTYPE, PV_DTYPE, IEEE, FAST_UNPACK)
     else:
         for start in range(n_lo, n_end, BLOCK_N):
             m_i, l_i, z_i, acc_lo, acc_hi = _attn_block(
                 start, n_end, qpos, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
                 kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
-                HALF, BLOCK_N, QK_DTYPE, PV_DTYPE, IEEE)
+                HALF, BLOCK_N, QK_DTYPE, PV_DTYPE, IEEE, FAST_UNPACK)
 
     acc_lo = acc_lo - z_i[:, None]
     acc_hi = acc_hi - z_i[:, None]
@@ -421,8 +467,10 @@ def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Te
     fp32 = q.dtype == torch.float32
     interp = _interpreting()
     # the CPU interpreter multiplies bf16 tiles as raw integers: it runs the half-precision paths in fp32
-    qk_dt = tl.float32 if (fp32 or interp) else _TL_DTYPES[q.dtype]
-    pv_dt = tl.float32 if (fp32 or interp) else tl.float16
+    # half inputs on a GPU: fp16 dots (bf16 queries are exact in fp16 over [6e-5, 65504]) fed by _nibbles_f16
+    fast = not (fp32 or interp)
+    qk_dt = tl.float16 if fast else tl.float32
+    pv_dt = tl.float16 if fast else tl.float32
     split = cfg["num_splits"] > 1
     if split:
         po = torch.empty(cfg["num_splits"], B, T, Hq, D, dtype=torch.float32, device=q.device)
@@ -437,7 +485,8 @@ def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Te
         *k_cache.stride()[:3], *kp32.stride()[:3], *v_cache.stride()[:3], *vp32.stride()[:3],
         GROUP=G, D=D, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], SPLIT=split,
         QK_DTYPE=qk_dt, PV_DTYPE=pv_dt, IEEE=fp32 or interp, OUT_BF16=q.dtype == torch.bfloat16,
-        INTERP_LOOP=interp, MAX_TILES=triton.cdiv(S, cfg["block_n"]) if interp else 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        INTERP_LOOP=interp, MAX_TILES=triton.cdiv(S, cfg["block_n"]) if interp else 1, FAST_UNPACK=fast,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split:
         n_rows = B * T * Hq
