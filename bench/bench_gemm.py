@@ -149,12 +149,22 @@ def _compile_job(args):
         return f"{asdict(cfg)} M={M} N={N} K={K}: {type(e).__name__}: {str(e)[:300]}"
 
 
-def precompile(jobs, workers: int) -> None:
+def precompile(jobs, workers: int, deadline: float = 180.0) -> None:
     t = time.time()
     import multiprocessing as mp
 
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
-        errs = [e for e in ex.map(_compile_job, jobs) if e]
+    from concurrent.futures import wait
+
+    ex = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    futs = [ex.submit(_compile_job, j) for j in jobs]
+    done, pending = wait(futs, timeout=deadline)
+    errs = [f.result() for f in done if f.result()]
+    errs += [f"{asdict(j[3]) if j[3] else None} M={j[0]} N={j[1]} K={j[2]}: not done in {deadline}s"
+             for f, j in zip(futs, jobs) if f in pending]
+    ex.shutdown(wait=False, cancel_futures=True)
+    if pending:  # a hung compile or kernel: stop the workers (this process's own children)
+        for proc in list(getattr(ex, "_processes", {}).values()):
+            proc.terminate()
     print(f"precompiled {len(jobs)} jobs in {time.time() - t:.0f}s; {len(errs)} failed", flush=True)
     for e in errs[:20]:
         print("  compile failure:", e)
