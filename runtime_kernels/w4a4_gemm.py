@@ -362,17 +362,24 @@ def candidates(M: int, N: int, G: int, sms: int = 132) -> list[Config]:
             out.append(C(block_n=bn, block_m=bm, split_k=sk, num_stages=st))
             out.append(C(block_n=bn, block_m=bm, split_k=sk, num_stages=st, out_split=True))
         out.append(C(block_n=32, block_m=bm, split_k=1, num_stages=8))
+        out.append(C(block_n=64, block_m=bm, split_k=_split_for(M, N, G, 64, bm, 8, sms), num_stages=3))
         out.append(C(block_n=16, block_m=bm, split_k=1, num_stages=8))
     elif M <= 256:
         for bn, bm, waves in ((128, 64, 1), (128, 64, 2), (64, 128, 2), (64, 64, 2)):
             out.append(C(block_n=bn, block_m=bm, split_k=_split_for(M, N, G, bn, bm, waves, sms), num_stages=4))
+        for bn, bm, waves in ((64, 128, 1), (64, 128, 2), (64, 64, 1), (128, 64, 1)):
+            out.append(C(block_n=bn, block_m=bm, split_k=_split_for(M, N, G, bn, bm, waves, sms), num_stages=4,
+                         x_unpacked=True))
     else:
         # (Triton's Hopper warp specialization, Config.ws, compiled but hung or failed on the H100 at these
         # sizes; it is not a candidate.)
         out += [C(block_n=128, block_m=64, num_stages=4),
                 C(block_n=64, block_m=128, num_stages=4, x_unpacked=True),
                 C(block_n=64, block_m=128, num_stages=3, x_unpacked=True),
-                C(block_n=128, block_m=64, num_stages=3, x_unpacked=True)]
+                C(block_n=128, block_m=64, num_stages=3, x_unpacked=True),
+                C(block_n=64, block_m=128, num_stages=5, x_unpacked=True),
+                C(block_n=64, block_m=128, num_stages=3, x_unpacked=True, group_m=16),
+                C(block_n=64, block_m=64, num_stages=4, x_unpacked=True)]
     seen, uniq = set(), []
     for c in out:
         if c not in seen:
