@@ -165,8 +165,14 @@ def save(qmodel, out_dir: str | Path, source: str = "") -> dict:
     (out / CONFIG).write_text(json.dumps(meta, indent=2))
     if qmodel.tokenizer is not None:
         qmodel.tokenizer.save_pretrained(str(out))
-    params = sum(t.numel() for k, t in tensors.items() if not k.startswith("layers.")) + _layer_params(qmodel.arch)
-    return {"bytes": (out / WEIGHTS).stat().st_size, "fp16_bytes": 2 * params}
+    layer_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith("layers."))
+    other = sum(t.numel() for k, t in tensors.items() if not k.startswith("layers."))
+    return {
+        "bytes": (out / WEIGHTS).stat().st_size,  # everything, embeddings in the model's dtype
+        "layer_bytes": layer_bytes,  # the quantized decoder layers
+        "fp16_layer_bytes": 2 * _layer_params(qmodel.arch),
+        "fp16_bytes": 2 * (other + _layer_params(qmodel.arch)),
+    }
 
 
 def _layer_params(arch: ArchInfo) -> int:

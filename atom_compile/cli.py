@@ -160,9 +160,11 @@ def cmd_quantize(args) -> int:
     model, tok = _load(args)
     qmodel = _compile(model, tok, cfg, args)
     sizes = save(qmodel, args.out, source=args.model)
-    print(tabulate([[args.out, cfg.name, f"{sizes['bytes'] / 2**20:.1f} MiB", f"{sizes['fp16_bytes'] / 2**20:.1f} MiB",
-                     f"{sizes['fp16_bytes'] / sizes['bytes']:.2f}x"]],
-                   headers=["checkpoint", "config", "size on disk", "fp16 model", "smaller by"], tablefmt="github"))
+    mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+    print(tabulate([[args.out, cfg.name, mib(sizes["bytes"]), mib(sizes["fp16_bytes"]), mib(sizes["layer_bytes"]),
+                     mib(sizes["fp16_layer_bytes"]), f"{sizes['fp16_layer_bytes'] / sizes['layer_bytes']:.2f}x"]],
+                   headers=["checkpoint", "config", "file", "fp16 model", "decoder layers", "fp16 layers",
+                            "layers smaller by"], tablefmt="github"))
     return 0
 
 

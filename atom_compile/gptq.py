@@ -35,13 +35,19 @@ def _inverse_hessian_cholesky(H: Tensor, W: Tensor, percdamp: float) -> Tensor:
 
 
 def gptq_quantize(W: Tensor, H: Tensor, spec: LinearQuantSpec, percdamp: float = 0.01):
-    """Quantize W [N, K] (columns reordered, outliers last) with GPTQ; returns the qtensor layout."""
-    W = W.detach().double().clone()
+    """Quantize W [N, K] (columns reordered, outliers last) with GPTQ; returns the qtensor layout.
+
+    Rows are independent given H, so linears that share an input (q/k/v, gate/up) are quantized as one
+    stacked W. The column loop runs in float32 (as GPTQ's reference code does) on a float64-inverted H.
+    """
+    W = W.detach().float().clone()
     N, K = W.shape
     Kn, g, r = spec.n_normal, spec.group_size, spec.weight_channel_group
     fmt = spec.weight_format
-    Hinv = _inverse_hessian_cholesky(H.double(), W, percdamp)
+    Hinv = _inverse_hessian_cholesky(H.double(), W, percdamp).float()
     blocksize = g * max(1, 128 // g)  # whole groups per block, so a group's scales see its updated columns
+    integer = fmt.startswith("int")
+    qmin, qmax = quant.int_range(fmt)
 
     units = torch.zeros(N, Kn, dtype=torch.int8)
     scales = torch.zeros(N // r, Kn // g, dtype=torch.float32)
@@ -53,17 +59,18 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: LinearQuantSpec, percdamp: float =
         for i in range(b1 - b0):
             col = b0 + i
             if col % g == 0:
-                scales[:, col // g] = quant.group_scales(Wb[:, i : i + g].float(), fmt, g, spec.weight_clip, r)[:, 0]
-            s = scales[:, col // g].double()
-            if r > 1:
-                s = s.repeat_interleave(r)
-            u = quant.round_to_grid(Wb[:, i] / torch.where(s > 0, s, torch.ones_like(s)), fmt)
-            units[:, col] = u
-            err = (Wb[:, i] - u.double() * s) / Hb[i, i]
+                s = quant.group_scales(Wb[:, i : i + g], fmt, g, spec.weight_clip, r)[:, 0]
+                scales[:, col // g] = s
+                s = s.repeat_interleave(r) if r > 1 else s
+                s_safe = torch.where(s > 0, s, torch.ones_like(s))
+            w = Wb[:, i]
+            u = torch.round(w / s_safe).clamp_(qmin, qmax) if integer else quant.round_to_grid(w / s_safe, fmt)
+            units[:, col] = u.to(torch.int8)
+            err = (w - u * s) / Hb[i, i]
             Wb[:, i:] -= err.unsqueeze(1) * Hb[i, i:].unsqueeze(0)
             Err[:, i] = err
         W[:, b0:b1] = Wb
         W[:, b1:] -= Err @ Hinv[b0:b1, b1:]
     q = quant.encode_codes(units, fmt, g)
-    outliers, outlier_scales = quant.quantize_outliers(W[:, Kn:].float(), spec.outlier_format, r)
+    outliers, outlier_scales = quant.quantize_outliers(W[:, Kn:], spec.outlier_format, r)
     return q, scales, outliers, outlier_scales

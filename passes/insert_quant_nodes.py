@@ -80,8 +80,9 @@ class InsertQuantNodes(AtomPass):
                     )
                 x_in._rename(f"{input_name}_dequant")
                 xq.meta["atom.qparams"] = _spec_meta(spec, "activation")
-            for lin in linears:
-                self._quantize_linear(gm, lin, x_in, spec, H)
+            weights = self._quantize_weights(gm, linears, spec, H)
+            for lin, qt in zip(linears, weights):
+                self._insert_weight(gm, lin, x_in, spec, qt)
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, True)
@@ -97,27 +98,37 @@ class InsertQuantNodes(AtomPass):
             )
         return hessians[key]
 
-    def _quantize_linear(self, gm, lin: fx.Node, x_in: fx.Node, spec, H) -> None:
+    def _quantize_weights(self, gm, linears, spec, H) -> list[tuple]:
+        """The qtensors of linears sharing one input. GPTQ runs once on their stacked rows (rows are
+        independent given the shared Hessian); RTN quantizes each row on its own."""
+        Ws = [get_attr_tensor(gm, lin.args[1]) for lin in linears]
+        for lin, W in zip(linears, Ws):
+            if W.shape[0] % spec.weight_channel_group:
+                raise ConfigError(
+                    f"weight_channel_group {spec.weight_channel_group} does not divide the {W.shape[0]} rows of "
+                    f"{lin.name}; use a divisor of every linear's output size (1, 2, 4, ...)"
+                )
+        if H is None:
+            return [quant.quantize_rows(W, spec.weight_format, spec.group_size, spec.n_outliers, spec.outlier_format,
+                                        spec.weight_clip, spec.weight_channel_group) for W in Ws]
+        stacked = gptq_quantize(torch.cat([W.float() for W in Ws]), H, spec, self.ctx.config.gptq_percdamp)
+        out, start = [], 0
+        for W in Ws:
+            n = W.shape[0]
+            rows = slice(start, start + n)
+            srows = slice(start // spec.weight_channel_group, (start + n) // spec.weight_channel_group)
+            out.append((stacked[0][rows], stacked[1][srows], stacked[2][rows], stacked[3][srows]))
+            start += n
+        return out
+
+    def _insert_weight(self, gm, lin: fx.Node, x_in: fx.Node, spec, qt) -> None:
         w_node = lin.args[1]
         W = get_attr_tensor(gm, w_node)
-        rows = W.shape[0]
-        if rows % spec.weight_channel_group:
-            raise ConfigError(
-                f"weight_channel_group {spec.weight_channel_group} does not divide the {rows} rows of "
-                f"{lin.name}; use a divisor of every linear's output size (1, 2, 4, ...)"
-            )
-        if H is not None:
-            qt = gptq_quantize(W.float(), H, spec, self.ctx.config.gptq_percdamp)
-        else:
-            qt = quant.quantize_rows(
-                W, spec.weight_format, spec.group_size, spec.n_outliers, spec.outlier_format,
-                spec.weight_clip, spec.weight_channel_group,
-            )
         q, scales, outliers, outlier_scales = qt
         if spec.outlier_format == "fp16":
             outliers = outliers.to(W.dtype)
         attrs = [
-            add_attr(gm, lin, f"{lin.name}_{suffix}", t.to(W.device))
+            add_attr(gm, lin, f"{lin.name}_{suffix}", t.contiguous().to(W.device))
             for suffix, t in (("wq", q), ("ws", scales), ("wo", outliers), ("wos", outlier_scales))
         ]
         with gm.graph.inserting_before(lin):
