@@ -85,6 +85,7 @@ class AtomConfig:
     gptq_percdamp: float = 0.01
     kv_bits: int | None = 4
     kv_clip: float = 1.0
+    kv_rotation: bool = False  # Hadamard-rotate K (after RoPE) and V per head before the cache quantizes them
     adapt_to_model: bool = True
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 

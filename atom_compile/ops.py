@@ -61,6 +61,28 @@ def _rope_fake(x, cos, sin):
     return torch.empty_like(x)
 
 
+def hadamard_matrix(n: int, dtype=torch.float32, device=None) -> Tensor:
+    """The orthonormal Sylvester-Hadamard matrix of order n (a power of two); symmetric, its own inverse."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two size, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / n**0.5).to(dtype=dtype, device=device)
+
+
+def hadamard_heads_reference(x: Tensor, head_dim: int) -> Tensor:
+    """Rotate each head of x [..., heads * D] by the orthonormal Hadamard matrix of order D."""
+    cdt = quant.compute_dtype(x)
+    h = hadamard_matrix(head_dim, cdt, x.device)
+    xs = x.to(cdt).unflatten(-1, (-1, head_dim))
+    return (xs @ h).flatten(-2).to(x.dtype)
+
+
+def _hadamard_heads_fake(x, head_dim):
+    return torch.empty_like(x)
+
+
 # ============================================================================ KV cache: float
 def _positions(cache_seqlens: Tensor, T: int, S: int) -> Tensor:
     """Cache slots [B, T] written by T new tokens of each sequence; checks they fit in S slots."""
@@ -370,6 +392,7 @@ def _weight_only_linear_fake(x, wq, ws, wo, wos, bias, weight_format, group_size
 _OPS = {
     "rms_norm": (rms_norm_reference, _rms_norm_fake, ()),
     "rope": (rope_reference, _rope_fake, ()),
+    "hadamard_heads": (hadamard_heads_reference, _hadamard_heads_fake, ()),
     "kv_cache_store": (kv_cache_store_reference, _kv_cache_store_fake, ("k_cache", "v_cache")),
     "attention": (attention_reference, _attention_fake, ()),
     "kv_cache_store_quant": (

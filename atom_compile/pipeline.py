@@ -15,9 +15,11 @@ from atom_compile.passes import (
     PassContext,
     QuantizeKVCache,
     ReorderChannels,
+    RotateKVHeads,
 )
 
 PIPELINE = [
+    RotateKVHeads,        # optional (kv_rotation): Hadamard per head on K after RoPE and on V, folded into weights
     OutlierAnalysis,      # score input channels on calibration data; outliers last
     ReorderChannels,      # fold the order into the norms, gate/up rows and weight columns
     InsertQuantNodes,     # RTN/GPTQ weights, dynamic per-token activation quantizers

@@ -7,8 +7,9 @@ from .insert_quant_nodes import InsertQuantNodes
 from .outlier_analysis import OutlierAnalysis
 from .quantize_kv_cache import QuantizeKVCache
 from .reorder_channels import ReorderChannels
+from .rotate_kv_heads import RotateKVHeads
 
 __all__ = [
-    "AtomPass", "PassContext", "PassResult", "OutlierAnalysis", "ReorderChannels", "InsertQuantNodes",
+    "AtomPass", "PassContext", "PassResult", "RotateKVHeads", "OutlierAnalysis", "ReorderChannels", "InsertQuantNodes",
     "FuseQuantIntoNorm", "FuseDequantIntoGemm", "QuantizeKVCache",
 ]

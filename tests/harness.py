@@ -27,6 +27,7 @@ REASSOC_RTOL = 1e-10
 FAKE_QUANT_TOL = 1e-6
 
 RULES = {
+    "RotateKVHeads": "reassoc",
     "OutlierAnalysis": "exact",
     "ReorderChannels": "reassoc",
     "InsertQuantNodes": "fake_quant",

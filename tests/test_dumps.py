@@ -17,8 +17,9 @@ def tiny():
 
 
 CONFIG = AtomConfig(group_size=32, n_outliers=32)
-FILES = ["00_input.py", "01_outlier_analysis.py", "02_reorder_channels.py", "03_insert_quant_nodes.py",
-         "04_fuse_quant_into_norm.py", "05_fuse_dequant_into_gemm.py", "06_quantize_kv_cache.py", "07_lowered.py"]
+FILES = ["00_input.py", "01_rotate_kv_heads.py", "02_outlier_analysis.py", "03_reorder_channels.py",
+         "04_insert_quant_nodes.py", "05_fuse_quant_into_norm.py", "06_fuse_dequant_into_gemm.py",
+         "07_quantize_kv_cache.py", "08_lowered.py"]
 
 
 def test_one_file_per_pass_with_header_graph_and_meta(tiny, tmp_path):
@@ -27,20 +28,20 @@ def test_one_file_per_pass_with_header_graph_and_meta(tiny, tmp_path):
     for layer in ("layer_00", "layer_01"):
         assert sorted(p.name for p in (dump / layer).iterdir()) == FILES
     text = {f: (dump / "layer_00" / f).read_text() for f in FILES}
-    assert "# pass: ReorderChannels" in text["02_reorder_channels.py"]
-    assert "# modified: True" in text["02_reorder_channels.py"]
-    assert re.search(r"# nodes: \d+ -> \d+ \(\+1 aten.index_select\)", text["02_reorder_channels.py"])
-    assert "# modified: False" in text["01_outlier_analysis.py"]
-    assert "atom.channel_order" in text["01_outlier_analysis.py"]
-    assert "torch.ops.atom.rms_norm_quant" in text["04_fuse_quant_into_norm.py"]
-    assert "torch.ops.atom.rms_norm_quant" not in text["03_insert_quant_nodes.py"]
-    assert "torch.ops.atom.quant_linear" in text["05_fuse_dequant_into_gemm.py"]
-    assert "k_cache: \"u8[" in text["06_quantize_kv_cache.py"]
-    lowered = text["07_lowered.py"]
+    assert "# pass: ReorderChannels" in text["03_reorder_channels.py"]
+    assert "# modified: True" in text["03_reorder_channels.py"]
+    assert re.search(r"# nodes: \d+ -> \d+ \(\+1 aten.index_select\)", text["03_reorder_channels.py"])
+    assert "# modified: False" in text["02_outlier_analysis.py"]
+    assert "atom.channel_order" in text["02_outlier_analysis.py"]
+    assert "torch.ops.atom.rms_norm_quant" in text["05_fuse_quant_into_norm.py"]
+    assert "torch.ops.atom.rms_norm_quant" not in text["04_insert_quant_nodes.py"]
+    assert "torch.ops.atom.quant_linear" in text["06_fuse_dequant_into_gemm.py"]
+    assert "k_cache: \"u8[" in text["07_quantize_kv_cache.py"]
+    lowered = text["08_lowered.py"]
     assert "Kernel table" in lowered and "reference:quant_linear_reference" in lowered
     assert "torch.ops.atom" not in lowered.split('"""')[0]  # every atom op is bound
     # weights are elided: no tensor values in the graph code
-    assert "tensor([" not in text["03_insert_quant_nodes.py"].split('"""')[0]
+    assert "tensor([" not in text["04_insert_quant_nodes.py"].split('"""')[0]
 
 
 def test_dump_layers_and_rewipe(tiny, tmp_path):

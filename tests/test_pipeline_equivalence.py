@@ -12,9 +12,11 @@ from harness import RULES, compare, run_layer
 import torch
 
 
-@pytest.mark.parametrize("config", ["atom-w4a4-rtn", "rtn-w4a4", "w8a8", "w4a16", "fp"])
+@pytest.mark.parametrize("config", ["atom-w4a4-rtn", "atom-w4a4-rtn+kv_rotation", "rtn-w4a4", "w8a8", "w4a16", "fp"])
 def test_every_prefix(layer_graph, make_ctx, real_layer, config):
-    ctx = make_ctx(config, calibration=config.startswith("atom"))
+    name, _, knob = config.partition("+")
+    cfg = make_ctx(name).config.replace(**({knob: True} if knob else {}))
+    ctx = make_ctx(cfg, calibration=config.startswith("atom"))
     gm = layer_graph
     verify = VerifyGraph()
     verify.before_pipeline(gm, ctx)
@@ -40,8 +42,10 @@ def test_chain_check_names_both_passes():
     bad = [p for p in PIPELINE if p.__name__ != "OutlierAnalysis"]
     with pytest.raises(PipelineError, match="ReorderChannels requires 'outlier_order'.*OutlierAnalysis"):
         check_chain(bad)
+    names = [p.__name__ for p in PIPELINE]
     swapped = list(PIPELINE)
-    swapped[2], swapped[1] = swapped[1], swapped[2]
+    i, j = names.index("ReorderChannels"), names.index("InsertQuantNodes")
+    swapped[i], swapped[j] = swapped[j], swapped[i]
     with pytest.raises(PipelineError, match="InsertQuantNodes requires 'reordered'"):
         check_chain(swapped)
 
@@ -53,6 +57,6 @@ def test_pass_errors_name_the_passes_that_ran(layer_graph, make_ctx, monkeypatch
         raise RuntimeError("synthetic failure")
 
     monkeypatch.setattr(FuseQuantIntoNorm, "call", boom)
-    with pytest.raises(PipelineError, match=r"FuseQuantIntoNorm failed on layer 2 after \['OutlierAnalysis', "
-                                            r"'ReorderChannels', 'InsertQuantNodes'\]"):
+    with pytest.raises(PipelineError, match=r"FuseQuantIntoNorm failed on layer 2 after \['RotateKVHeads', "
+                                            r"'OutlierAnalysis', 'ReorderChannels', 'InsertQuantNodes'\]"):
         run_pipeline(layer_graph, make_ctx("atom-w4a4-rtn"))
