@@ -14,28 +14,34 @@ Kernel design
 * Orientation: the kernel computes the transposed tile ``acc[n, m] = W[n, :] . X[m, :]`` ("swap AB"), so the
   weight rows are the MMA's M side (64 rows per warpgroup for wgmma) and the tokens its N side, which can
   be as narrow as 16: decode-sized M does not waste the tensor core's 64-row minimum.
-* Unpacking without interleave: for a packed int8 byte p, ``p << 4`` is 16 * (low code) and ``p & 0xF0``
-  is 16 * (high code), both exact int8 values in [-128, 112]. The low nibbles of a group's g/2 bytes are
-  channels 0..g/2-1 and the high nibbles channels g/2..g-1, so each group is two K = g/2 int8 dots with no
-  shuffle. On the GPU the two masks run as 32-bit ``shl``/``and`` on four bytes at a time (inline PTX);
-  under the interpreter as plain int8 tensor ops. Both operands carry the factor 16, so the int32 dot is
-  256 times the code dot (|.| <= 128 * 128 * 128 = 2^21), and 1/256 (exact) joins the weight scale.
-* Per-group rescale: the int32 group sum is turned into fp32 with the magic-number trick (the wgmma
-  accumulator starts at 0x4B400000, the bits of 1.5 * 2^23, so the result's bits read as a float are
-  1.5 * 2^23 + d exactly for |d| < 2^22; one FADD removes the offset), then ``acc = fma(f, sx * sw, acc)``:
-  three FP32 ops per element and group, instead of a slow I2F conversion.
-* Outliers: one more int8 dot of K = n_out (no unpacking) with the per-row outlier scales.
+* Operands come in by TMA (host ``TensorDescriptor``s: no per-element address registers, zero fill past
+  the edges of M, N and K), software-pipelined ``num_stages`` deep by Triton.
+* INT8 tensor cores (wgmma s8, int32 accumulation). Unpacking without interleave: for a packed byte p,
+  ``p << 4`` is 16 * (low code) and ``p & 0xF0`` is 16 * (high code), both exact int8 values in
+  [-128, 112]. The low nibbles of a group's g/2 bytes are channels 0..g/2-1 and the high nibbles channels
+  g/2..g-1, so each group is two K = g/2 int8 dots with no shuffle. On the GPU the masks run as 32-bit
+  ``shl``/``and`` on four bytes at a time (inline PTX); under the interpreter as plain int8 tensor ops.
+  Both operands carry the factor 16: the int32 dot is 256 x the code dot (|.| <= 2^21) and 1/256 (exact)
+  joins the weight scale. FP8 e4m3 operands were measured 2.2-2.5x slower (the int4 -> e4m3 conversion
+  costs more than the int -> float conversion it saves); see docs/notes_gemm.md.
+* Per-group rescale: ``acc = fma(float(d) * sw[n], sx[m], acc)`` with I2FP (full rate on sm_90): three
+  instructions per element and group. ``Config.magic`` selects the magic-number conversion instead
+  (IADD + FADD, exact for |d| < 2^22), measured no faster.
+* Outliers: one more int8 dot of K = n_out (no unpacking) with the per-row outlier scales, done by the
+  last split of a tile or (``Config.out_split``) by one more program per tile.
 * Small M (memory-bound): split-K over the groups so that all SMs stream weights; every split writes an
   fp32 partial, and the last program to arrive on a tile (an acq_rel atomic counter per tile) sums the
   partials in split order, adds the bias, writes the output and re-arms the counter. One launch, no host
   synchronization, deterministic summation order.
-* Large M (compute-bound): optionally the activations are unpacked once into int8 (x16) by a small
-  kernel, so that the activation operand goes from global memory straight to shared memory and into the
-  MMA, and only the weight operand is unpacked in registers.
+* Large M (compute-bound): the activations are first unpacked into int8 (x16) by a small kernel
+  (``Config.x_unpacked``), so that the activation operand goes from global memory by TMA straight into
+  the MMA, and only the weight operand is unpacked in registers (it is wgmma's register operand A).
 
-``prepare_weight`` keeps the packed weight bytes as they are and transposes the weight scales to [G, N]
-(contiguous per group for a tile of rows). ``w4a4_gemm`` launches the kernel with a configuration from
-``pick_config`` (a table from tuning runs on the H100, see docs/notes_gemm.md) or an explicit ``Config``.
+``prepare_weight`` keeps the packed weight bytes as they are, transposes the weight scales to [G, N]
+(contiguous per group for a tile of rows) and pads the outlier rows to 16 bytes (TMA row stride).
+``w4a4_gemm`` takes an explicit ``Config``, or the autotuned one for the size (``set_autotune(True)`` or
+ATOM_W4A4_AUTOTUNE=1: the first call of each (M rounded up to a power of two, N, K) times ``candidates``
+in CUDA graphs and caches the fastest), or else ``pick_config``'s table (the autotuner's H100 choices).
 """
 
 from __future__ import annotations
@@ -53,8 +59,6 @@ __all__ = ["PreparedWeight", "Config", "prepare_weight", "w4a4_gemm", "pick_conf
            "unpack_activations"]
 
 _MAX_TILES = 8192  # split-K arrival counters kept per prepared weight
-_MAGIC_I = 0x4B400000  # bits of 12582912.0 = 1.5 * 2^23
-_MAGIC_F = 12582912.0
 
 
 def _interpreting() -> bool:
@@ -337,18 +341,22 @@ def _split_for(M: int, N: int, G: int, bn: int, bm: int, waves: float, sms: int 
 
 
 def pick_config(M: int, N: int, G: int, sms: int = 132) -> Config:
-    """Launch configuration by problem size, without timing anything (the H100 tuning runs recorded in
-    docs/notes_gemm.md chose these)."""
+    """Launch configuration by problem size without timing anything: the winners of the autotuner on the
+    H100 (bench/results/gemm_h100.json, docs/notes_gemm.md), within 2% of the fastest candidate at every
+    benchmarked size."""
     if _interpreting():
         return Config(block_n=32, block_m=16, split_k=2 if G >= 2 else 1, num_warps=4, num_stages=1)
-    if M <= 32:
+    if M <= 32:  # memory-bound: split-K to about 4 programs per SM
         bm = max(16, _next_pow2(M))
         return Config(block_n=64, block_m=bm, split_k=_split_for(M, N, G, 64, bm, 4, sms), num_stages=4)
     if M <= 64:
         return Config(block_n=64, block_m=64, split_k=_split_for(M, N, G, 64, 64, 2, sms), num_stages=4)
     if M <= 256:
-        return Config(block_n=128, block_m=64, split_k=_split_for(M, N, G, 128, 64, 1, sms), num_stages=4)
-    return Config(block_n=128, block_m=64, split_k=1, num_warps=4, num_stages=3)
+        if triton.cdiv(N, 64) * triton.cdiv(M, 128) < 1.5 * sms:  # few tiles: split-K to two waves
+            return Config(block_n=64, block_m=128, split_k=_split_for(M, N, G, 64, 128, 2, sms), num_stages=4,
+                          x_unpacked=True)
+        return Config(block_n=64, block_m=64, num_stages=4, x_unpacked=True)
+    return Config(block_n=64, block_m=128, num_stages=3, x_unpacked=True, group_m=16)
 
 
 def candidates(M: int, N: int, G: int, sms: int = 132) -> list[Config]:
