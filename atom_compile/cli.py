@@ -168,6 +168,39 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_lm_eval(args) -> int:
+    import tempfile
+
+    from atom_compile.lm_eval_adapter import evaluate, write_mc_tasks
+
+    include = args.include_path
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    if args.mc_data:  # local multiple-choice JSONL files -> task YAMLs in a temporary include path
+        include = include or tempfile.mkdtemp(prefix="atom-lm-eval-")
+        tasks += write_mc_tasks(args.mc_data, include)
+    if not tasks:
+        raise ValueError("name --tasks, or give --mc-data DIR with *.jsonl multiple-choice files")
+    ((name, make),), tok = _models(args, [args.config])
+    qmodel = make()
+    results = evaluate(qmodel, tok, tasks, include_path=include, limit=args.limit, batch_size=args.batch_size)
+    rows = []
+    for task, metrics in sorted(results["results"].items()):
+        acc, acc_norm = metrics.get("acc,none"), metrics.get("acc_norm,none")
+        rows.append({"config": name, "task": task, "acc": acc, "acc_norm": acc_norm,
+                     "stderr": metrics.get("acc_stderr,none"), "n": results["n-samples"][task]["effective"]})
+    accs = [r["acc"] for r in rows if r["acc"] is not None]
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        print(tabulate([list(r.values()) for r in rows], headers=list(rows[0].keys()), tablefmt="github", floatfmt=".4f"))
+        print(f"mean acc over {len(accs)} tasks: {sum(accs) / len(accs):.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"config": name, "rows": rows, "mean_acc": sum(accs) / len(accs),
+                                              "limit": args.limit}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atom-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="atom-w4a4")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("lm-eval", help="zero-shot accuracy through lm-eval's harness (offline with local tasks)")
+    _add_model_args(p)
+    _add_calib_args(p)
+    p.add_argument("--config", default="atom-w4a4")
+    p.add_argument("--tasks", default="", help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", default=None, help="a directory of extra lm-eval task YAMLs")
+    p.add_argument("--mc-data", default=None, help="a directory of {question, choices, label} *.jsonl files; "
+                   "each becomes a task named local_<file>")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most N examples per task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=cmd_lm_eval)
 
     p = sub.add_parser("generate", help="quantize, then continue a prompt")
     _add_model_args(p)

@@ -46,3 +46,17 @@ def test_clear_errors(capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--set", "group_size"])
+
+
+def test_lm_eval_on_local_multiple_choice_tasks(capsys, monkeypatch):
+    """lm-eval 0.4's harness runs the compiled model on the shared multiple-choice files, offline."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mc = data_file("enwiki_eval.txt").parent / "mc"
+    if not mc.is_dir():
+        pytest.skip("../shared/data/mc is not available")
+    rc = main(["lm-eval", "--config", "w8a8", "--mc-data", str(mc), "--limit", "8", "--json"])
+    assert rc == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert {r["task"] for r in rows} == {"local_social_iqa", "local_strategyqa", "local_wikihow_goal", "local_winowhy"}
+    assert all(r["n"] == 8 and 0.0 <= r["acc"] <= 1.0 for r in rows)
