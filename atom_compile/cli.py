@@ -201,6 +201,85 @@ def cmd_lm_eval(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from atom_compile.ablation import PAPER_LLAMA7B, ladder
+    from atom_compile.data import BUNDLED_EVAL, read_text, tokenize, windows
+    from atom_compile.evaluate import evaluate_against_reference
+
+    steps = ladder(args.group_size, args.n_outliers, **_parse_overrides(args.set))
+    if args.steps:
+        unknown = set(args.steps.split(",")) - set(steps)
+        if unknown:
+            raise ValueError(f"unknown ablation steps {sorted(unknown)}; steps: {', '.join(steps)}")
+        steps = {k: v for k, v in steps.items() if k in args.steps.split(",")}
+    texts = args.text_file or [str(BUNDLED_EVAL)]
+    for path in texts:
+        read_text(path)
+    model, tok = _load(args)
+    evals = {}
+    for path in texts:
+        ids = tokenize(read_text(path), tok)
+        evals[path] = windows(ids[: args.max_tokens] if args.max_tokens else ids, args.seqlen)
+    compiled, compile_s = {}, {}
+    args.set = []  # the overrides are already in the ladder's configs
+    for name, cfg in steps.items():
+        start = time.perf_counter()
+        compiled[name] = _compile(model, tok, cfg, args)
+        compile_s[name] = time.perf_counter() - start
+    rows = []
+    for path, w in evals.items():
+        res = evaluate_against_reference(compiled, lambda x: model(x).logits, w, args.batch_size, args.device)
+        for name in ["reference", *compiled]:
+            r = res[name]
+            step = "fp" if name == "reference" else name
+            rows.append({"step": step, "text": Path(path).name, "ppl": r["ppl"], "x_fp": r["ppl"] / res["reference"]["ppl"],
+                         "kl": r["kl"], "top1": r["top1_agreement"], "tokens": r["tokens"],
+                         "compile_s": compile_s.get(name, 0.0), "eval_s": r["seconds"],
+                         "paper_llama7b": PAPER_LLAMA7B.get(step)})
+    print(tabulate([list(r.values()) for r in rows], headers=list(rows[0].keys()), tablefmt="github", floatfmt=".4g"))
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "command": "atom-compile " + " ".join(sys.argv[1:]), "environment": _environment(),
+            "configs": {k: v.to_dict() for k, v in steps.items()}, "rows": rows}, indent=2))
+    if args.png:
+        _ablation_chart(rows, args.png)
+    return 0
+
+
+def _environment() -> dict:
+    import datetime
+    import platform
+
+    import transformers
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "cpu_threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def _ablation_chart(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    texts = sorted({r["text"] for r in rows})
+    steps = [r["step"] for r in rows if r["text"] == texts[0]]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(texts)
+    for i, text in enumerate(texts):
+        vals = [next(r["x_fp"] for r in rows if r["text"] == text and r["step"] == s) for s in steps]
+        ax.bar([j + i * width for j in range(len(steps))], vals, width, label=text)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + width * (len(texts) - 1) / 2 for j in range(len(steps))], steps, rotation=30, ha="right")
+    ax.set_ylabel("perplexity / fp perplexity (log scale)")
+    ax.set_title("Atom ablation ladder")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atom-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -238,6 +317,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", default=None)
     p.set_defaults(func=cmd_lm_eval)
+
+    p = sub.add_parser("ablate", help="the paper's ablation ladder (Table 4) on this model: table, JSON, PNG")
+    _add_model_args(p)
+    _add_calib_args(p)
+    p.add_argument("--text-file", action="append", help="evaluation text (repeatable)")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--n-outliers", type=int, default=128)
+    p.add_argument("--steps", default=None, help="comma-separated subset of the ladder's steps")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--out", default=None, help="JSON results")
+    p.add_argument("--png", default=None, help="bar chart of perplexity / fp perplexity")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("generate", help="quantize, then continue a prompt")
     _add_model_args(p)

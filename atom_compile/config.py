@@ -54,6 +54,7 @@ class LinearQuantSpec:
     act_clip: float
     weight_method: str
     weight_channel_group: int
+    weight_clip_search: bool = False
 
     @property
     def n_normal(self) -> int:
@@ -81,6 +82,7 @@ class AtomConfig:
     weight_clip: float = 0.85
     act_clip: float = 0.9
     weight_method: str = "rtn"
+    weight_clip_search: bool = False  # per-group clip ratio with the least squared error, instead of weight_clip
     weight_channel_group: int = 1
     gptq_percdamp: float = 0.01
     kv_bits: int | None = 4
@@ -202,6 +204,7 @@ class AtomConfig:
             act_clip=self.act_clip,
             weight_method=self.weight_method,
             weight_channel_group=self.weight_channel_group,
+            weight_clip_search=self.weight_clip_search,
         )
 
 

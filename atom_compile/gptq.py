@@ -59,7 +59,9 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: LinearQuantSpec, percdamp: float =
         for i in range(b1 - b0):
             col = b0 + i
             if col % g == 0:
-                s = quant.group_scales(Wb[:, i : i + g], fmt, g, spec.weight_clip, r)[:, 0]
+                cols = Wb[:, i : i + g]
+                s = (quant.mse_group_scales(cols, fmt, g, r) if spec.weight_clip_search
+                     else quant.group_scales(cols, fmt, g, spec.weight_clip, r))[:, 0]
                 scales[:, col // g] = s
                 s = s.repeat_interleave(r) if r > 1 else s
                 s_safe = torch.where(s > 0, s, torch.ones_like(s))

@@ -142,6 +142,36 @@ def group_scales(x: Tensor, fmt: str, group_size: int, clip: float, rows_per_sca
     return ((a * clip) / qmax).to(torch.float32)
 
 
+CLIP_GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0, 0.975, ..., 0.5
+
+
+def mse_group_scales(x: Tensor, fmt: str, group_size: int, rows_per_scale: int = 1) -> Tensor:
+    """Scales whose clip ratio, chosen per group from CLIP_GRID, minimizes the group's squared error.
+
+    Same layout as ``group_scales``; rows sharing a scale (``rows_per_scale``) choose together.
+    """
+    best_err, best = None, None
+    for clip in CLIP_GRID:
+        s = group_scales(x, fmt, group_size, clip, rows_per_scale)
+        deq = dequantize_groups(quantize_with_scales(x, s, fmt, group_size, rows_per_scale), s, group_size, rows_per_scale)
+        err = (deq - x.float()).pow(2).reshape(*x.shape[:-1], -1, group_size).sum(-1)  # [rows, groups]
+        if rows_per_scale > 1:
+            err = err.reshape(-1, rows_per_scale, err.shape[-1]).sum(1)
+        if best is None:
+            best_err, best = err, s
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, s, best)
+    return best
+
+
+def dequantize_groups(units: Tensor, scales: Tensor, group_size: int, rows_per_scale: int = 1) -> Tensor:
+    s = scales if rows_per_scale == 1 else scales.repeat_interleave(rows_per_scale, dim=-2)
+    *lead, K = units.shape
+    return (units.float().reshape(*lead, K // group_size, group_size) * s.unsqueeze(-1)).reshape(*lead, K)
+
+
 def quantize_with_scales(x: Tensor, scales: Tensor, fmt: str, group_size: int, rows_per_scale: int = 1) -> Tensor:
     """round(x / scale) onto the format's grid, per group; returns int8 integer units [..., K]."""
     *lead, K = x.shape
@@ -161,12 +191,19 @@ def quantize_rows(
     outlier_format: str,
     clip: float,
     rows_per_scale: int = 1,
+    clip_search: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Quantize the last dim of ``x`` (already reordered, outliers last) into the qtensor layout."""
+    """Quantize the last dim of ``x`` (already reordered, outliers last) into the qtensor layout.
+
+    ``clip_search``: choose each group's clip ratio for the least squared error (weights) instead of ``clip``.
+    """
     K = x.shape[-1]
     n_normal = K - n_outliers
     normal = x[..., :n_normal]
-    scales = group_scales(normal, fmt, group_size, clip, rows_per_scale)
+    if clip_search:
+        scales = mse_group_scales(normal, fmt, group_size, rows_per_scale)
+    else:
+        scales = group_scales(normal, fmt, group_size, clip, rows_per_scale)
     units = quantize_with_scales(normal, scales, fmt, group_size, rows_per_scale)
     q = encode_codes(units, fmt, group_size)
     outliers, outlier_scales = quantize_outliers(x[..., n_normal:], outlier_format, rows_per_scale)

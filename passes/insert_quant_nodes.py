@@ -110,7 +110,8 @@ class InsertQuantNodes(AtomPass):
                 )
         if H is None:
             return [quant.quantize_rows(W, spec.weight_format, spec.group_size, spec.n_outliers, spec.outlier_format,
-                                        spec.weight_clip, spec.weight_channel_group) for W in Ws]
+                                        spec.weight_clip, spec.weight_channel_group, spec.weight_clip_search)
+                    for W in Ws]
         stacked = gptq_quantize(torch.cat([W.float() for W in Ws]), H, spec, self.ctx.config.gptq_percdamp)
         out, start = [], 0
         for W in Ws:
@@ -155,5 +156,6 @@ def _spec_meta(spec, side: str) -> dict:
     }
     if side == "weight":
         meta["method"] = spec.weight_method
+        meta["clip_search"] = spec.weight_clip_search
         meta["channel_group"] = spec.weight_channel_group
     return meta

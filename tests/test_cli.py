@@ -60,3 +60,18 @@ def test_lm_eval_on_local_multiple_choice_tasks(capsys, monkeypatch):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert {r["task"] for r in rows} == {"local_social_iqa", "local_strategyqa", "local_wikihow_goal", "local_winowhy"}
     assert all(r["n"] == 8 and 0.0 <= r["acc"] <= 1.0 for r in rows)
+
+
+def test_ablate_subset(tmp_path, capsys):
+    text, calib = str(data_file("enwiki_eval.txt")), str(data_file("enwiki_calib.txt"))
+    rc = main(["ablate", "--steps", "rtn-w4a4,+outliers-int8,+groups", "--text-file", text, "--calib-file", calib,
+               "--max-tokens", "256", "--seqlen", "128", "--calib-samples", "2", "--calib-seqlen", "64",
+               "--group-size", "64", "--n-outliers", "64", "--out", str(tmp_path / "a.json"),
+               "--png", str(tmp_path / "a.png")])
+    assert rc == 0
+    res = json.loads((tmp_path / "a.json").read_text())
+    steps = {r["step"]: r for r in res["rows"]}
+    assert list(steps) == ["fp", "rtn-w4a4", "+outliers-int8", "+groups"]
+    assert steps["fp"]["kl"] == 0 and steps["fp"]["top1"] == 1
+    assert steps["rtn-w4a4"]["kl"] > steps["+groups"]["kl"] > 0  # the ladder's shape, in KL
+    assert (tmp_path / "a.png").stat().st_size > 10_000

@@ -219,3 +219,14 @@ def test_cache_overflow_is_a_clear_error():
     k = torch.randn(1, 5, 64)
     with pytest.raises(ValueError, match="KV cache overflow"):
         atom.kv_cache_store(k, k, torch.zeros(1, 1, 4, 64), torch.zeros(1, 1, 4, 64), torch.zeros(1, dtype=torch.int32))
+
+
+def test_mse_clip_search_never_loses_to_a_fixed_clip():
+    w = with_outliers(64, 256, seed=11, scale=5.0) * 0.05
+    for fixed in (1.0, 0.85):
+        err_fixed = (quant.dequantize_rows(*quant.quantize_rows(w, "int4", 64, 0, "int8", fixed), "int4", 64, "int8")
+                     - w).pow(2).reshape(64, 4, 64).sum(-1)
+        err_mse = (quant.dequantize_rows(*quant.quantize_rows(w, "int4", 64, 0, "int8", 1.0, clip_search=True),
+                                         "int4", 64, "int8") - w).pow(2).reshape(64, 4, 64).sum(-1)
+        assert torch.all(err_mse <= err_fixed + 1e-12)  # 1.0 and 0.85 are both on the search grid
+    assert err_mse.sum() < 0.97 * err_fixed.sum()

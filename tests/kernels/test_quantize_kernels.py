@@ -120,6 +120,17 @@ def test_gather_quant_bit_exact(device, dtype, K, g, n_out):
     _assert_exact(out, _ref(ops.gather_quant_reference, x, perm, "int4", g, n_out, "int8", 0.9))
 
 
+def test_gather_quant_bit_exact_many_rows(device):
+    """A GPU divides with a per-group reciprocal and one FMA correction: check exactness on many values."""
+    M = 4096 if device == "cuda" else 64
+    K = 576
+    x = _rows(M, K, torch.float32, device, seed=21) * torch.rand(M, 1, generator=torch.Generator().manual_seed(3)).to(device)
+    perm = torch.randperm(K, generator=torch.Generator().manual_seed(4)).to(device)
+    for g in (64, 128):
+        out = gather_quant(x, perm, "int4", g, 64, "int8", 0.9)
+        _assert_exact(out, _ref(ops.gather_quant_reference, x, perm, "int4", g, 64, "int8", 0.9))
+
+
 def test_gather_quant_zero_group_and_ties(device):
     """A zero row (scale 0, codes 0) among random rows, and exact .5 ties that must round to even."""
     K, g = 576, 64
