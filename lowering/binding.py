@@ -1,22 +1,22 @@
-"""What a backend binds an op to."""
+"""What a backend binds an op node to."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
 
+import torch.fx as fx
+
 
 @dataclasses.dataclass(frozen=True)
 class Binding:
-    """An implementation of one ``atom`` op.
-
-    ``fn`` replaces the node's target and takes the op's arguments. ``prepare(gm, node)``, if given,
-    runs once at lowering time (for example to lay weights out for a kernel) and may rewrite the
-    node's arguments. ``describe(node)`` tells the kernel table the launch configuration.
-    """
+    """An implementation of one ``atom`` op: ``fn`` replaces the node's target and takes the op's arguments."""
 
     fn: Callable
     name: str
     config: str = ""
-    prepare: Callable | None = None
-    describe: Callable | None = None
+
+    def bind(self, gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, str, str]:
+        """(callable, implementation name, launch configuration) for this node. Backends override this to
+        check the node's formats, prepare weights once (lowering time) or fall back to the reference."""
+        return self.fn, self.name, self.config

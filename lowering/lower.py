@@ -60,13 +60,11 @@ def lower(gm: fx.GraphModule, backend: str = "reference") -> fx.GraphModule:
         binding = bindings.get(target)
         if binding is None:
             raise LoweringError(f"backend {backend!r} has no implementation of {target} (node {node.name})")
-        if binding.prepare is not None:
-            binding.prepare(gm, node)
+        fn, name, config = binding.bind(gm, node)
         node.meta["atom.op"] = target  # what the node computes, kept for checkpoints and re-lowering
-        node.target = binding.fn
-        node.meta["atom.binding"] = binding.name
-        config = binding.describe(node) if binding.describe else binding.config
-        table.append((node.name, f"atom.{target._schema.name.split('::')[-1]}", binding.name, config))
+        node.meta["atom.binding"] = name
+        node.target = fn
+        table.append((node.name, f"atom.{target._schema.name.split('::')[-1]}", name, config))
     gm.meta["atom.kernel_table"] = table
     gm.meta["atom.backend"] = backend
     gm.graph.lint()

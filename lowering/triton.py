@@ -1,0 +1,99 @@
+"""The Triton backend (CUDA): the fused quantizers, the W4A4 GEMM and the 4-bit KV cache on Hopper kernels.
+
+Each binding checks the node's formats at lowering time and falls back to the reference implementation
+(recorded as such in the kernel table) where the kernel does not cover them: the kernels handle INT4
+activations and weights with INT8 outliers, power-of-two groups >= 32, one weight scale per row, and a
+4-bit KV cache with head_dim 64 or 128. The W4A4 GEMM's weight layout is prepared once, here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from atom_compile import runtime_kernels as rk
+from atom_compile.ops import REFERENCE_IMPLS
+
+from .binding import Binding
+
+atom = torch.ops.atom
+
+
+def _reference(op, why: str):
+    fn = REFERENCE_IMPLS[op]
+    return fn, f"reference:{fn.__name__}", f"fallback: {why}"
+
+
+def _int4_act(fmt, group_size, outlier_format) -> str | None:
+    if fmt != "int4" or outlier_format != "int8":
+        return f"formats {fmt}/{outlier_format}"
+    if group_size < 32 or group_size & (group_size - 1):
+        return f"group size {group_size}"
+    return None
+
+
+class QuantizerBinding(Binding):
+    """rms_norm_quant, silu_mul_quant, gather_quant: one row-wise kernel each."""
+
+    def bind(self, gm, node):
+        fmt, group_size, _n_out, outlier_format = node.args[-5:-1]
+        why = _int4_act(fmt, group_size, outlier_format) or (None if group_size in (64, 128) else f"group {group_size}")
+        if why:
+            return _reference(node.target, why)
+        return self.fn, self.name, "one program per token row, fp32 statistics"
+
+
+class W4A4Linear:
+    """The bound GEMM of one linear: its weight in the kernel's layout, prepared at lowering time."""
+
+    def __init__(self, name: str, prepared, out_dtype: torch.dtype):
+        self.__name__ = f"w4a4_gemm_{name}"
+        self.prepared = prepared
+        self.out_dtype = out_dtype
+
+    def __call__(self, xq, xs, xo, xos, wq, ws, wo, wos, bias, *formats):
+        lead = xq.shape[:-1]
+        y = rk.w4a4_gemm(xq.reshape(-1, xq.shape[-1]), xs.reshape(-1, xs.shape[-1]), xo.reshape(-1, xo.shape[-1]),
+                         xos.reshape(-1, 1), self.prepared, bias, self.out_dtype)
+        return y.reshape(*lead, y.shape[-1])
+
+
+class GemmBinding(Binding):
+    def bind(self, gm, node):
+        xq, xs, xo, xos, wq, ws, wo, wos, bias, a_fmt, w_fmt, group_size, o_fmt, rows_per_scale, dtype = node.args
+        why = _int4_act(a_fmt, group_size, o_fmt) or (None if w_fmt == "int4" else f"weight format {w_fmt}")
+        if why is None and rows_per_scale != 1:
+            why = f"weight_channel_group {rows_per_scale}"
+        if why:
+            return _reference(node.target, why)
+        tensors = [getattr(gm, n.target) for n in (wq, ws, wo, wos)]
+        prepared = rk.prepare_weight(*tensors, group_size)
+        return (W4A4Linear(node.name, prepared, dtype), "triton:w4a4_gemm",
+                "int8 wgmma over unpacked nibbles, TMA, split-K for small M; tiles tuned per M bucket")
+
+
+class KVStoreBinding(Binding):
+    def bind(self, gm, node):
+        bits = node.args[7]
+        if bits != 4:
+            return _reference(node.target, f"{bits}-bit KV")
+        return self.fn, self.name, "one program per block of (token, head) rows; fp16 (scale, zero)"
+
+
+class KVAttentionBinding(Binding):
+    def bind(self, gm, node):
+        bits = node.args[6]
+        if bits != 4:
+            return _reference(node.target, f"{bits}-bit KV")
+        return self.fn, self.name, "split-KV flash decoding for <= 64 query rows, flash-attention tiles above"
+
+
+BINDINGS = {op: Binding(fn, f"reference:{fn.__name__}", "plain PyTorch") for op, fn in REFERENCE_IMPLS.items()}
+BINDINGS.update({
+    atom.rms_norm_quant.default: QuantizerBinding(rk.rms_norm_quant, "triton:rms_norm_quant"),
+    atom.silu_mul_quant.default: QuantizerBinding(rk.silu_mul_quant, "triton:silu_mul_quant"),
+    atom.gather_quant.default: QuantizerBinding(rk.gather_quant, "triton:gather_quant"),
+    atom.quant_linear.default: GemmBinding(None, "triton:w4a4_gemm"),
+    atom.kv_cache_store_quant.default: KVStoreBinding(rk.kv_cache_store_quant, "triton:kv_cache_store_quant"),
+    atom.attention_quant_kv.default: KVAttentionBinding(rk.attention_quant_kv, "triton:attention_quant_kv"),
+})
