@@ -47,6 +47,10 @@ _EXACT = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 LOG2E = 1.4426950408889634
 
 
+def interp_mode() -> bool:
+    return _interpreting()
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -207,12 +211,12 @@ def _unpack_params(p32):
 def _attn_block(start, n_end, qpos, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
                 kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
                 HALF: tl.constexpr, BLOCK_N: tl.constexpr, QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr,
-                IEEE: tl.constexpr, FAST_UNPACK: tl.constexpr):
+                IEEE: tl.constexpr, FAST_UNPACK: tl.constexpr, CAUSAL: tl.constexpr):
     """One tile of BLOCK_N keys [start, start + BLOCK_N) (masked at n_end): scores, online softmax, P.V."""
     dd = tl.arange(0, HALF)
     n = start + tl.arange(0, BLOCK_N)
     n_ok = n < n_end
-    slot = n.to(tl.int64)  # paging: slot -> block_table[b, slot // PAGE] * page_stride + slot % PAGE
+    slot = n  # int32 offsets from the (b, h) base; paging: block_table[b, slot // PAGE] * page_stride + slot % PAGE
     # ---- scores: s * (q . c - z * sum(q)), in log2 units
     kt = tl.load(kc_base + slot[None, :] * stride_kcs + dd[:, None], mask=n_ok[None, :], other=0)  # [HALF, BLOCK_N]
     k_scale, k_zero = _unpack_params(tl.load(kp_base + slot * stride_kps, mask=n_ok, other=0))
@@ -229,8 +233,10 @@ def _attn_block(start, n_end, qpos, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, a
         r = tl.dot(q_lo, k_lo)
         r += tl.dot(q_hi, k_hi)
     s = (r - qsum[:, None] * k_zero[None, :]) * (k_scale * qk_scale)[None, :]
-    visible = (n[None, :] <= qpos[:, None]) & n_ok[None, :]
-    s = tl.where(visible, s, float("-inf"))
+    if CAUSAL:
+        s = tl.where((n[None, :] <= qpos[:, None]) & n_ok[None, :], s, float("-inf"))
+    else:  # one query per sequence (decode): every loaded key is visible
+        s = tl.where(n_ok[None, :], s, float("-inf"))
     # ---- online softmax (a row with nothing visible yet keeps m = -inf without NaNs)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -239,8 +245,7 @@ def _attn_block(start, n_end, qpos, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, a
     l_i = l_i * alpha + tl.sum(p, axis=1)
     # ---- values: (p * s) @ c - sum(p * s * z)
     vc = tl.load(vc_base + slot[:, None] * stride_vcs + dd[None, :], mask=n_ok[:, None], other=0)
-    v_scale, v_zero = _unpack_params(tl.load(vp_base + slot * stride_vps, mask=n_ok, other=0))
-    v_scale = tl.where(n_ok, v_scale, 0.0)
+    v_scale, v_zero = _unpack_params(tl.load(vp_base + slot * stride_vps, mask=n_ok, other=0))  # 0 when masked
     if IEEE:
         ps = p * v_scale[None, :]
         pv_lo = tl.dot(ps, (vc & 15).to(tl.float32), input_precision="ieee")
@@ -275,7 +280,7 @@ def _attn_fwd_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,  # write unnormalized partials (split-KV) instead of the output
     QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, IEEE: tl.constexpr, OUT_BF16: tl.constexpr,
-    INTERP_LOOP: tl.constexpr, MAX_TILES: tl.constexpr, FAST_UNPACK: tl.constexpr,
+    INTERP_LOOP: tl.constexpr, MAX_TILES: tl.constexpr, FAST_UNPACK: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     """One program: BLOCK_M rows of (token, query head of one KV group) x one KV range of one sequence.
 
@@ -330,13 +335,13 @@ def _attn_fwd_kernel(
             m_i, l_i, z_i, acc_lo, acc_hi = _attn_block(
                 n_lo + it * BLOCK_N, n_end, qpos, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
                 kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
-                HALF, BLOCK_N, QK_DTYPE, PV_DTYPE, IEEE, FAST_UNPACK)
+                HALF, BLOCK_N, QK_DTYPE, PV_DTYPE, IEEE, FAST_UNPACK, CAUSAL)
     else:
         for start in range(n_lo, n_end, BLOCK_N):
             m_i, l_i, z_i, acc_lo, acc_hi = _attn_block(
                 start, n_end, qpos, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
                 kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
-                HALF, BLOCK_N, QK_DTYPE, PV_DTYPE, IEEE, FAST_UNPACK)
+                HALF, BLOCK_N, QK_DTYPE, PV_DTYPE, IEEE, FAST_UNPACK, CAUSAL)
 
     acc_lo = acc_lo - z_i[:, None]
     acc_hi = acc_hi - z_i[:, None]
@@ -408,10 +413,10 @@ def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, 
     bound = S if max_seqlen is None else max(1, min(int(max_seqlen), S))
     rows = T * G
     fp32 = q.dtype == torch.float32
-    if block_m is None:
-        block_m = max(16, triton.next_power_of_2(rows)) if rows <= 64 else (64 if fp32 else 128)
+    if block_m is None:  # H200 sweep (bench_attention --sweep): prefill best at 64 x 128 with 4 warps
+        block_m = max(16, triton.next_power_of_2(rows)) if rows <= 64 else 64
     if block_n is None:
-        block_n = 32 if fp32 else (128 if rows <= 64 else 64)
+        block_n = 32 if fp32 else 128
     m_tiles = triton.cdiv(rows, block_m)
     if num_splits is None:
         num_splits = _decode_splits(B * Hkv * m_tiles, bound, block_n, _num_sms(q.device)) if rows <= 64 else 1
@@ -421,14 +426,16 @@ def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, 
         num_warps = 8 if block_m >= 128 else 4
     if num_stages is None:
         num_stages = 2 if block_m >= 128 else 3
+    # decode: capping registers at 168 fits 3 programs per SM instead of 2 (H200: 316 vs 340 us, MHA B=64 ctx 2048)
+    maxnreg = 168 if (rows <= 64 and not fp32) else None
     return dict(block_m=block_m, block_n=block_n, m_tiles=m_tiles, num_splits=num_splits, chunk=chunk,
-                num_warps=num_warps, num_stages=num_stages)
+                num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
 
 
 def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Tensor, v_params: Tensor,
                        kv_lens: Tensor, bits: int = 4, *, max_seqlen: int | None = None, num_splits: int | None = None,
                        block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                       num_stages: int | None = None, out: Tensor | None = None) -> Tensor:
+                       num_stages: int | None = None, maxnreg: int | None = None, out: Tensor | None = None) -> Tensor:
     """Causal GQA attention of q [B, T, Hq * D] over the 4-bit cache; query t of sequence b sits at position
     kv_lens[b] - T + t. Same contract as ``ops.attention_quant_kv_reference`` (a row that sees no key gives 0
     where the reference gives NaN).
@@ -462,6 +469,8 @@ def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Te
     if B == 0 or T == 0:
         return o
     cfg = attention_config(q, k_cache, max_seqlen, num_splits, block_m, block_n, num_warps, num_stages)
+    maxnreg = cfg["maxnreg"] if maxnreg is None else (maxnreg or None)  # maxnreg=0: no cap
+    launch = {} if maxnreg is None or interp_mode() else {"maxnreg": maxnreg}
     kp32 = k_params.view(torch.int32)  # [B, Hkv, S, 1]: one 4-byte load per token
     vp32 = v_params.view(torch.int32)
     fp32 = q.dtype == torch.float32
@@ -486,7 +495,7 @@ def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Te
         GROUP=G, D=D, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], SPLIT=split,
         QK_DTYPE=qk_dt, PV_DTYPE=pv_dt, IEEE=fp32 or interp, OUT_BF16=q.dtype == torch.bfloat16,
         INTERP_LOOP=interp, MAX_TILES=triton.cdiv(S, cfg["block_n"]) if interp else 1, FAST_UNPACK=fast,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        CAUSAL=T > 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch,
     )
     if split:
         n_rows = B * T * Hq

@@ -42,29 +42,25 @@ import triton.language as tl
 from torch import Tensor
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-_MAGIC = 12582912.0  # 1.5 * 2^23: (v + M) - M rounds an fp32 |v| < 2^22 to the nearest integer, ties to even
 # exact maths only: no FMA contraction, no flush-to-zero in libdevice's div_rn
 _EXACT = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 
 
 # ============================================================================ device helpers
 @triton.jit
-def _rint(v):
-    """Round half to even (exact for |v| < 2^22; larger magnitudes keep their sign, then get clamped)."""
-    return (v + 12582912.0) - 12582912.0
-
-
-@triton.jit
-def _round_to(x, DTYPE: tl.constexpr):
+def _round_to(x, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
     """fp32 x rounded to DTYPE (round to nearest even), returned as fp32.
 
-    bf16 is rounded with integer ops on the fp32 bits: Triton's CPU interpreter truncates on an fp32 to
-    bf16 cast, and this gives the same answer as the GPU's cvt.rn.bf16.f32 there and on the GPU.
+    On a GPU (NATIVE) the hardware cast; under the CPU interpreter bf16 is rounded with integer ops on the
+    fp32 bits, because the interpreter's fp32 -> bf16 cast truncates.
     """
     if DTYPE == tl.bfloat16:
-        u = x.to(tl.uint32, bitcast=True)
-        u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
-        return u.to(tl.float32, bitcast=True)
+        if NATIVE:
+            return x.to(tl.bfloat16).to(tl.float32)
+        else:
+            u = x.to(tl.uint32, bitcast=True)
+            u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
+            return u.to(tl.float32, bitcast=True)
     elif DTYPE == tl.float16:
         return x.to(tl.float16).to(tl.float32)
     else:
@@ -72,25 +68,56 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _int4_group_codes(y_lo, y_hi, clip, scale_ptrs, q_ptrs, mask2d, gmask):
+def _div_rn(y, s, r, NATIVE: tl.constexpr):
+    """y / s correctly rounded, given r = div_rn(1, s) computed once per group.
+
+    GPU: q0 = y * r, then one Markstein correction q0 + r * (y - s * q0) with two FMAs; with r the
+    correctly rounded reciprocal this is the correctly rounded quotient for operands away from the
+    overflow / underflow range (what CUDA's own div.rn fast path does, without its per-element
+    reciprocal, range check and slow path). The interpreter has no single-rounding FMA: it divides.
+    """
+    if NATIVE:
+        q0 = y * r
+        return tl.fma(r, tl.fma(-s, q0, y), q0)
+    else:
+        return tl.math.div_rn(y, s)
+
+
+@triton.jit
+def _magic_codes(v, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """round-half-even(v) clamped to [QMIN, QMAX], as int32 two's complement in the low bits.
+
+    v + 1.5 * 2^23 rounds v to an integer (ties to even) in the low mantissa bits; clamping in that
+    domain and reading the bits skips the float -> int conversion (quarter rate).
+    """
+    w = v + 12582912.0
+    w = tl.minimum(tl.maximum(w, 12582912.0 + QMIN), 12582912.0 + QMAX)
+    return w.to(tl.int32, bitcast=True) - 0x4B400000
+
+
+@triton.jit
+def _int4_group_codes(y_lo, y_hi, clip, scale_ptrs, q_ptrs, mask2d, gmask, NATIVE: tl.constexpr):
     """Quantize a tile of groups [G, g/2] x 2 (low / high halves), store scales and packed bytes."""
     amax = tl.maximum(tl.max(tl.abs(y_lo), axis=1), tl.max(tl.abs(y_hi), axis=1))
     scale = tl.math.div_rn(amax * clip, 7.0)
     tl.store(scale_ptrs, scale, mask=gmask)
-    s = tl.where(scale > 0, scale, 1.0)[:, None]
-    c_lo = tl.minimum(tl.maximum(_rint(tl.math.div_rn(y_lo, s)), -8.0), 7.0).to(tl.int32)
-    c_hi = tl.minimum(tl.maximum(_rint(tl.math.div_rn(y_hi, s)), -8.0), 7.0).to(tl.int32)
+    s = tl.where(scale > 0, scale, 1.0)
+    r = tl.math.div_rn(1.0, s)[:, None]
+    s = s[:, None]
+    c_lo = _magic_codes(_div_rn(y_lo, s, r, NATIVE), -8, 7)
+    c_hi = _magic_codes(_div_rn(y_hi, s, r, NATIVE), -8, 7)
     byte = (c_lo & 15) | ((c_hi & 15) << 4)
     tl.store(q_ptrs, byte.to(tl.int8), mask=mask2d)
 
 
 @triton.jit
-def _int8_outliers(y, o_ptrs, os_ptr, omask, row_ok):
+def _int8_outliers(y, o_ptrs, os_ptr, omask, row_ok, NATIVE: tl.constexpr):
     amax = tl.max(tl.abs(y), axis=0)
     scale = tl.math.div_rn(amax, 127.0)
     tl.store(os_ptr, scale, mask=row_ok)
     s = tl.where(scale > 0, scale, 1.0)
-    c = tl.minimum(tl.maximum(_rint(tl.math.div_rn(y, s)), -128.0), 127.0).to(tl.int32)
+    r = tl.math.div_rn(1.0, s)
+    c = _magic_codes(_div_rn(y, s, r, NATIVE), -128, 127)
     tl.store(o_ptrs, c.to(tl.int8), mask=omask)
 
 
@@ -105,12 +132,13 @@ def _row_gather_quant_kernel(
     X_DTYPE: tl.constexpr,  # the normalized row is rounded to the input dtype (as _rms_norm does) ...
     Y_DTYPE: tl.constexpr,  # ... and weight * normed to promote(weight, input)
     K_PAD: tl.constexpr, GROUP: tl.constexpr, N_GROUPS: tl.constexpr, G_PAD: tl.constexpr,
-    N_OUT: tl.constexpr, ROWS: tl.constexpr,
+    N_OUT: tl.constexpr, ROWS: tl.constexpr, NATIVE: tl.constexpr,
 ):
     """One row (token) of x in registers: statistics, gather by perm (tl.gather), quantize, store.
 
     Programs take ROWS consecutive rows so that the gather indices and the weight, loaded once, are
-    reused. Grid: (cdiv(M, ROWS),).
+    reused; the next row's load is issued before the current row is processed (two rows in flight per
+    program). Grid: (cdiv(M, ROWS),).
     """
     HALF: tl.constexpr = GROUP // 2
     pid = tl.program_id(0)
@@ -118,22 +146,25 @@ def _row_gather_quant_kernel(
     kmask = offs_k < K
     gi = tl.arange(0, G_PAD)
     gmask = gi < N_GROUPS
-    ch_lo = gi[:, None] * GROUP + tl.arange(0, HALF)[None, :]  # output channel of each (group, j)
-    mask2d = gmask[:, None] & (ch_lo >= 0)
-    ch_lo = tl.where(mask2d, ch_lo, 0)
-    ch_hi = tl.where(mask2d, ch_lo + HALF, 0)
+    jj = tl.arange(0, HALF)
+    # The channel indices stay affine in (group, j) (masking only the loads), so the compiler sees 64
+    # contiguous j's per group: the perm load, hence the gathered values, get a layout with each group in
+    # one warp (the group max needs no cross-warp reduction).
+    ch_lo = gi[:, None] * GROUP + jj[None, :]  # output channel of each (group, j)
+    ch_hi = ch_lo + HALF
+    mask2d = gmask[:, None] & (jj[None, :] < HALF)
     if HAS_PERM:
         src_lo = tl.load(perm_ptr + ch_lo, mask=mask2d, other=0).to(tl.int32)
         src_hi = tl.load(perm_ptr + ch_hi, mask=mask2d, other=0).to(tl.int32)
     else:
-        src_lo = ch_lo
-        src_hi = ch_hi
+        src_lo = tl.where(mask2d, ch_lo, 0)
+        src_hi = tl.where(mask2d, ch_hi, 0)
     src_lo = tl.reshape(src_lo, [G_PAD * HALF])
     src_hi = tl.reshape(src_hi, [G_PAD * HALF])
     if NORM:
         w_lo = tl.load(w_ptr + ch_lo, mask=mask2d, other=0).to(tl.float32)
         w_hi = tl.load(w_ptr + ch_hi, mask=mask2d, other=0).to(tl.float32)
-    qcol = gi[:, None] * HALF + tl.arange(0, HALF)[None, :]  # byte offset in the packed row
+    qcol = gi[:, None] * HALF + jj[None, :]  # byte offset in the packed row
     if N_OUT > 0:
         offs_o = tl.arange(0, N_OUT)
         ch_o = N_GROUPS * GROUP + offs_o
@@ -143,36 +174,44 @@ def _row_gather_quant_kernel(
             src_o = ch_o
         if NORM:
             w_o = tl.load(w_ptr + ch_o).to(tl.float32)
+    row0 = pid * ROWS
+    x_next = tl.load(x_ptr + row0.to(tl.int64) * stride_xm + offs_k, mask=kmask & (row0 < M), other=0.0)
     for r in range(ROWS):
-        row = pid * ROWS + r
+        row = row0 + r
         rmask = row < M
         row64 = row.to(tl.int64)
-        x = tl.load(x_ptr + row64 * stride_xm + offs_k, mask=kmask & rmask, other=0.0).to(tl.float32)
+        x = x_next.to(tl.float32)
+        nxt = row + 1
+        x_next = tl.load(x_ptr + nxt.to(tl.int64) * stride_xm + offs_k, mask=kmask & (nxt < M) & (r + 1 < ROWS),
+                         other=0.0)
         if NORM:
             var = tl.sum(x * x, axis=0) / K
             rstd = tl.math.rsqrt(var + eps)
-            x = _round_to(x * rstd, X_DTYPE)
+            x = _round_to(x * rstd, X_DTYPE, NATIVE)
         y_lo = tl.reshape(tl.gather(x, src_lo, 0), [G_PAD, HALF])
         y_hi = tl.reshape(tl.gather(x, src_hi, 0), [G_PAD, HALF])
         if NORM:
-            y_lo = _round_to(w_lo * y_lo, Y_DTYPE)
-            y_hi = _round_to(w_hi * y_hi, Y_DTYPE)
+            y_lo = _round_to(w_lo * y_lo, Y_DTYPE, NATIVE)
+            y_hi = _round_to(w_hi * y_hi, Y_DTYPE, NATIVE)
         _int4_group_codes(y_lo, y_hi, clip, s_ptr + row64 * stride_sm + gi, q_ptr + row64 * stride_qm + qcol,
-                          mask2d & rmask, gmask & rmask)
+                          mask2d & rmask, gmask & rmask, NATIVE)
         if N_OUT > 0:
             y_o = tl.gather(x, src_o, 0)
             if NORM:
-                y_o = _round_to(w_o * y_o, Y_DTYPE)
+                y_o = _round_to(w_o * y_o, Y_DTYPE, NATIVE)
             _int8_outliers(y_o, o_ptr + row64 * stride_om + offs_o, os_ptr + row64 * stride_osm,
-                           (offs_o < N_OUT) & rmask, rmask)
+                           (offs_o < N_OUT) & rmask, rmask, NATIVE)
 
 
 # ============================================================================ SiLU * up, chunked
 @triton.jit
-def _silu_mul(g, u, H_DTYPE: tl.constexpr):
-    """F.silu(gate) * up as torch computes it: silu in fp32 rounded to the dtype, then the product."""
-    s = _round_to(tl.math.div_rn(g, 1.0 + tl.exp(-g)), H_DTYPE)
-    return _round_to(s * u, H_DTYPE)
+def _silu_mul(g, u, H_DTYPE: tl.constexpr, NATIVE: tl.constexpr):
+    """F.silu(gate) * up as torch computes it: silu in fp32 rounded to the dtype, then the product.
+
+    exp and the division are the fast ones (ex2.approx, div.full): the result can differ from torch's in
+    the last fp32 bits, which the bf16 / fp16 rounding nearly always absorbs (see the module docstring)."""
+    s = _round_to(g / (1.0 + tl.exp(-g)), H_DTYPE, NATIVE)
+    return _round_to(s * u, H_DTYPE, NATIVE)
 
 
 @triton.jit
@@ -181,6 +220,7 @@ def _silu_mul_quant_kernel(
     M, stride_gm, stride_um, stride_qm, stride_sm, stride_om, stride_osm,
     clip,
     H_DTYPE: tl.constexpr, GROUP: tl.constexpr, N_GROUPS: tl.constexpr, GB: tl.constexpr, N_OUT: tl.constexpr,
+    NATIVE: tl.constexpr,
 ):
     """One row per program; the row is streamed GB groups at a time (no perm: SiLU*up already comes out in
     down_proj's order). Grid: (M,)."""
@@ -197,16 +237,17 @@ def _silu_mul_quant_kernel(
         ul = tl.load(u_ptr + row * stride_um + col, mask=mask2d, other=0.0).to(tl.float32)
         gh = tl.load(g_ptr + row * stride_gm + col + HALF, mask=mask2d, other=0.0).to(tl.float32)
         uh = tl.load(u_ptr + row * stride_um + col + HALF, mask=mask2d, other=0.0).to(tl.float32)
-        y_lo = _silu_mul(gl, ul, H_DTYPE)
-        y_hi = _silu_mul(gh, uh, H_DTYPE)
+        y_lo = _silu_mul(gl, ul, H_DTYPE, NATIVE)
+        y_hi = _silu_mul(gh, uh, H_DTYPE, NATIVE)
         _int4_group_codes(y_lo, y_hi, clip, s_ptr + row * stride_sm + gi,
-                          q_ptr + row * stride_qm + gi[:, None] * HALF + jj[None, :], mask2d, gmask)
+                          q_ptr + row * stride_qm + gi[:, None] * HALF + jj[None, :], mask2d, gmask, NATIVE)
     if N_OUT > 0:
         offs_o = tl.arange(0, N_OUT)
         col_o = N_GROUPS * GROUP + offs_o
         y_o = _silu_mul(tl.load(g_ptr + row * stride_gm + col_o).to(tl.float32),
-                        tl.load(u_ptr + row * stride_um + col_o).to(tl.float32), H_DTYPE)
-        _int8_outliers(y_o, o_ptr + row * stride_om + offs_o, os_ptr + row * stride_osm, offs_o < N_OUT, row >= 0)
+                        tl.load(u_ptr + row * stride_um + col_o).to(tl.float32), H_DTYPE, NATIVE)
+        _int8_outliers(y_o, o_ptr + row * stride_om + offs_o, os_ptr + row * stride_osm, offs_o < N_OUT, row >= 0,
+                       NATIVE)
 
 
 # ============================================================================ host side
@@ -261,6 +302,10 @@ def _rows2d(x: Tensor) -> Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def _maxnreg(n):
+    return {} if n is None or _interpreting() else {"maxnreg": n}
+
+
 def _num_sms(device) -> int:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -268,7 +313,7 @@ def _num_sms(device) -> int:
 
 
 def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_format, clip, norm,
-                rows_per_program=None, num_warps=None):
+                rows_per_program=None, num_warps=None, maxnreg=None):
     lead = x.shape[:-1]
     x2 = _rows2d(x)
     M = x2.shape[0]
@@ -288,11 +333,13 @@ def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_fo
     K_PAD = triton.next_power_of_2(K)
     G_PAD = triton.next_power_of_2(n_groups)
     if rows_per_program is None:
+        # each program loads the gather indices and the weight once (40 KB of L2 traffic at K = 4096 with an
+        # int64 perm) and reuses them for its rows: as many rows as keep ~2 programs per SM busy
         rows_per_program = 1
-        while rows_per_program < 8 and M >= rows_per_program * 2 * 8 * _num_sms(x.device):
+        while rows_per_program < 64 and M >= rows_per_program * 2 * 2 * _num_sms(x.device):
             rows_per_program *= 2
     if num_warps is None:
-        num_warps = 4 if K_PAD <= 1024 else 8 if K_PAD <= 4096 else 16
+        num_warps = 4 if K_PAD <= 4096 else 8
     grid = (triton.cdiv(M, rows_per_program),)
     _row_gather_quant_kernel[grid](
         x2, weight if norm else x2, perm if perm is not None else x2, q, scales, outl, os_,
@@ -300,14 +347,14 @@ def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_fo
         float(eps), float(clip),
         NORM=norm, HAS_PERM=perm is not None, X_DTYPE=_TL_DTYPES[x.dtype], Y_DTYPE=_TL_DTYPES[ydt],
         K_PAD=K_PAD, GROUP=group_size, N_GROUPS=n_groups, G_PAD=G_PAD, N_OUT=n_out, ROWS=rows_per_program,
-        num_warps=num_warps, **_EXACT,
+        NATIVE=not _interpreting(), num_warps=num_warps, **_EXACT, **_maxnreg(maxnreg),
     )
     return _shape(lead, q, scales, outl, os_)
 
 
 def rms_norm_quant(x: Tensor, weight: Tensor, eps: float, perm: Tensor | None, fmt: str, group_size: int,
                    n_outliers: int, outlier_format: str, clip: float, *, rows_per_program: int | None = None,
-                   num_warps: int | None = None):
+                   num_warps: int | None = None, maxnreg: int | None = None):
     """RMSNorm (fp32 statistics, cast to x.dtype, times weight) + gather by perm + INT4/INT8 quantization.
 
     Same contract as ``ops.rms_norm_quant_reference``; returns (q, scales, outliers, outlier_scales).
@@ -315,16 +362,17 @@ def rms_norm_quant(x: Tensor, weight: Tensor, eps: float, perm: Tensor | None, f
     """
     K, n_groups = _check(x, fmt, group_size, n_outliers, outlier_format)
     return _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_outliers, outlier_format, clip, True,
-                       rows_per_program, num_warps)
+                       rows_per_program, num_warps, maxnreg)
 
 
 def gather_quant(x: Tensor, perm: Tensor, fmt: str, group_size: int, n_outliers: int, outlier_format: str,
-                 clip: float, *, rows_per_program: int | None = None, num_warps: int | None = None):
+                 clip: float, *, rows_per_program: int | None = None, num_warps: int | None = None,
+                 maxnreg: int | None = None):
     """x[..., perm] quantized per token (the o_proj input). Same contract as ``ops.gather_quant_reference``;
     bit-exact."""
     K, n_groups = _check(x, fmt, group_size, n_outliers, outlier_format)
     return _row_launch(x, None, 0.0, perm, K, n_groups, group_size, n_outliers, outlier_format, clip, False,
-                       rows_per_program, num_warps)
+                       rows_per_program, num_warps, maxnreg)
 
 
 def silu_mul_quant(gate: Tensor, up: Tensor, fmt: str, group_size: int, n_outliers: int, outlier_format: str,
@@ -345,7 +393,7 @@ def silu_mul_quant(gate: Tensor, up: Tensor, fmt: str, group_size: int, n_outlie
         M, g2.stride(0), u2.stride(0), q.stride(0), scales.stride(0), outl.stride(0), os_.stride(0),
         float(clip),
         H_DTYPE=_TL_DTYPES[gate.dtype], GROUP=group_size, N_GROUPS=n_groups, GB=GB, N_OUT=n_outliers,
-        num_warps=num_warps or 4, **_EXACT,
+        NATIVE=not _interpreting(), num_warps=num_warps or 4, **_EXACT,
     )
     return _shape(lead, q, scales, outl, os_)
 
