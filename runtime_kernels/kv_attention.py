@@ -353,7 +353,7 @@ def _attn_fwd_kernel(
         tl.store(pml_ptr + prow * 2, m_i, mask=row_ok)
         tl.store(pml_ptr + prow * 2 + 1, l_i, mask=row_ok)
     else:
-        inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]  # a row that sees no key gives 0
+        inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)[:, None]  # a row that sees no key: 0
         out_lo = acc_lo * inv_l
         out_hi = acc_hi * inv_l
         if OUT_BF16:
@@ -384,7 +384,7 @@ def _combine_kernel(po_ptr, pml_ptr, o_ptr, n_rows, T, HQ, n_splits, stride_ob, 
         denom = tl.sum(w * l, axis=0)
         dd = tl.arange(0, D)
         o = tl.load(po_ptr + idx[:, None] * D + dd[None, :], mask=smask[:, None], other=0.0)
-        out = tl.sum(w[:, None] * o, axis=0) * tl.where(denom > 0, 1.0 / denom, 0.0)
+        out = tl.sum(w[:, None] * o, axis=0) * tl.where(denom > 0, 1.0 / tl.where(denom > 0, denom, 1.0), 0.0)
         if OUT_BF16:
             out = _round_bf16(out)
         b = row64 // (T * HQ)

@@ -16,22 +16,30 @@ n_out in {0, 64, 128} (any power of two <= 256), any K with (K - n_out) % group_
 bf16 / fp16 / fp32 inputs. Anything else raises NotImplementedError: the lowering then falls back to
 the reference op.
 
-Numerics (what the tests check, on the CPU interpreter against the CPU reference and on a GPU
-against the CUDA reference):
+Numerics (what the tests check, on the CPU interpreter and on a GPU, always against the reference run
+on the CPU: torch's CUDA kernels compute ``tensor / python_scalar`` as a multiply by the reciprocal, so
+the reference run on a GPU is itself one ulp off its definition now and then):
 
-- The quantization itself is exact: scale = div_rn(absmax * clip, 7) in fp32, codes = round half to
-  even of div_rn(x, scale) (``(v + 1.5*2^23) - 1.5*2^23``), FMA contraction off. Given the same
-  values to quantize, codes and scales equal the reference bit for bit. ``gather_quant`` therefore
-  is bit-exact.
-- ``rms_norm_quant``: the sum of squares is reduced in a different order than torch's, and
-  rsqrt is the device's (``rsqrt.approx`` on a GPU as torch's ``rsqrtf``; 1/sqrt in the interpreter),
-  so rstd can differ from the reference's by a few fp32 ulps. After the cast to the input dtype that
-  rarely changes a normalized value, and then by one unit in the last place of that dtype. Bound
-  (tested): at least 99.9% of the scales are bit-equal and every scale is within a relative 2^-7
-  (bf16), 2^-10 (fp16), 2^-20 (fp32) of the reference's; every code is within one of the
-  reference's and fewer than 0.1% differ.
-- ``silu_mul_quant``: SiLU is x / (1 + exp(-x)) with the device's exp (the interpreter's numpy exp,
-  the GPU's ex2-based exp) against torch's own exp: the same bound as ``rms_norm_quant``.
+- The quantization is exact: scale = div_rn(absmax * clip, 7) in fp32; codes = round half to even of
+  the correctly rounded x / scale, clamped. On a GPU the quotient is x * r plus one FMA correction
+  (r = div_rn(1, scale) once per group, see ``_div_rn``), and the rounding / clamping / int conversion
+  is done on the bits of x / scale + 1.5 * 2^23 (``_magic_codes``). FMA contraction is off. Given the
+  same values to quantize, codes and scales equal the reference bit for bit; ``gather_quant`` is
+  bit-exact (tested on thousands of rows on the GPU).
+- ``rms_norm_quant``: the sum of squares is reduced in another order than torch's and rsqrt is the
+  device's, so rstd can differ from the reference's by a few fp32 ulps. After the cast to the input
+  dtype that rarely changes a normalized value, and then by one unit in its last place. Bound
+  (tested): every code within one of the reference's and fewer than 0.1% differ; every scale within
+  a relative 2^-7 (bf16), 2^-10 (fp16), 2^-20 (fp32) of the reference's, and for bf16 / fp16 at most
+  max(1, 0.1%) of the scales not bit-equal (measured on the H200 and the interpreter: none differ in
+  the bench / test shapes for bf16).
+- ``silu_mul_quant``: SiLU is x / (1 + exp(-x)) with the device's fast exp and division (numpy's under
+  the interpreter) against torch's: the same bound as ``rms_norm_quant``.
+
+Performance (H200, bf16, 16k tokens, bench/bench_quantize.py): silu_mul_quant at 75-77% of the copy
+bandwidth; rms_norm_quant 22% and gather_quant 29%: the channel gather (``tl.gather``) goes through
+shared memory with barriers around it, and one program per row group leaves the SM latency-bound. See
+docs/notes_quant_attention.md.
 """
 
 from __future__ import annotations
@@ -132,7 +140,7 @@ def _row_gather_quant_kernel(
     X_DTYPE: tl.constexpr,  # the normalized row is rounded to the input dtype (as _rms_norm does) ...
     Y_DTYPE: tl.constexpr,  # ... and weight * normed to promote(weight, input)
     K_PAD: tl.constexpr, GROUP: tl.constexpr, N_GROUPS: tl.constexpr, G_PAD: tl.constexpr,
-    N_OUT: tl.constexpr, ROWS: tl.constexpr, NATIVE: tl.constexpr,
+    N_OUT: tl.constexpr, ROWS: tl.constexpr, NATIVE: tl.constexpr, W_PER_ROW: tl.constexpr,
 ):
     """One row (token) of x in registers: statistics, gather by perm (tl.gather), quantize, store.
 
@@ -161,7 +169,7 @@ def _row_gather_quant_kernel(
         src_hi = tl.where(mask2d, ch_hi, 0)
     src_lo = tl.reshape(src_lo, [G_PAD * HALF])
     src_hi = tl.reshape(src_hi, [G_PAD * HALF])
-    if NORM:
+    if NORM and not W_PER_ROW:
         w_lo = tl.load(w_ptr + ch_lo, mask=mask2d, other=0).to(tl.float32)
         w_hi = tl.load(w_ptr + ch_hi, mask=mask2d, other=0).to(tl.float32)
     qcol = gi[:, None] * HALF + jj[None, :]  # byte offset in the packed row
@@ -191,8 +199,12 @@ def _row_gather_quant_kernel(
         y_lo = tl.reshape(tl.gather(x, src_lo, 0), [G_PAD, HALF])
         y_hi = tl.reshape(tl.gather(x, src_hi, 0), [G_PAD, HALF])
         if NORM:
-            y_lo = _round_to(w_lo * y_lo, Y_DTYPE, NATIVE)
-            y_hi = _round_to(w_hi * y_hi, Y_DTYPE, NATIVE)
+            if W_PER_ROW:  # re-read from L1 each row: fewer registers, more programs per SM
+                y_lo = _round_to(tl.load(w_ptr + ch_lo, mask=mask2d, other=0).to(tl.float32) * y_lo, Y_DTYPE, NATIVE)
+                y_hi = _round_to(tl.load(w_ptr + ch_hi, mask=mask2d, other=0).to(tl.float32) * y_hi, Y_DTYPE, NATIVE)
+            else:
+                y_lo = _round_to(w_lo * y_lo, Y_DTYPE, NATIVE)
+                y_hi = _round_to(w_hi * y_hi, Y_DTYPE, NATIVE)
         _int4_group_codes(y_lo, y_hi, clip, s_ptr + row64 * stride_sm + gi, q_ptr + row64 * stride_qm + qcol,
                           mask2d & rmask, gmask & rmask, NATIVE)
         if N_OUT > 0:
@@ -313,7 +325,7 @@ def _num_sms(device) -> int:
 
 
 def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_format, clip, norm,
-                rows_per_program=None, num_warps=None, maxnreg=None):
+                rows_per_program=None, num_warps=None, maxnreg=None, w_per_row=False):
     lead = x.shape[:-1]
     x2 = _rows2d(x)
     M = x2.shape[0]
@@ -347,14 +359,14 @@ def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_fo
         float(eps), float(clip),
         NORM=norm, HAS_PERM=perm is not None, X_DTYPE=_TL_DTYPES[x.dtype], Y_DTYPE=_TL_DTYPES[ydt],
         K_PAD=K_PAD, GROUP=group_size, N_GROUPS=n_groups, G_PAD=G_PAD, N_OUT=n_out, ROWS=rows_per_program,
-        NATIVE=not _interpreting(), num_warps=num_warps, **_EXACT, **_maxnreg(maxnreg),
+        NATIVE=not _interpreting(), W_PER_ROW=w_per_row, num_warps=num_warps, **_EXACT, **_maxnreg(maxnreg),
     )
     return _shape(lead, q, scales, outl, os_)
 
 
 def rms_norm_quant(x: Tensor, weight: Tensor, eps: float, perm: Tensor | None, fmt: str, group_size: int,
                    n_outliers: int, outlier_format: str, clip: float, *, rows_per_program: int | None = None,
-                   num_warps: int | None = None, maxnreg: int | None = None):
+                   num_warps: int | None = None, maxnreg: int | None = None, w_per_row: bool = False):
     """RMSNorm (fp32 statistics, cast to x.dtype, times weight) + gather by perm + INT4/INT8 quantization.
 
     Same contract as ``ops.rms_norm_quant_reference``; returns (q, scales, outliers, outlier_scales).
@@ -362,7 +374,7 @@ def rms_norm_quant(x: Tensor, weight: Tensor, eps: float, perm: Tensor | None, f
     """
     K, n_groups = _check(x, fmt, group_size, n_outliers, outlier_format)
     return _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_outliers, outlier_format, clip, True,
-                       rows_per_program, num_warps, maxnreg)
+                       rows_per_program, num_warps, maxnreg, w_per_row)
 
 
 def gather_quant(x: Tensor, perm: Tensor, fmt: str, group_size: int, n_outliers: int, outlier_format: str,
