@@ -26,7 +26,7 @@ def _inverse_hessian_cholesky(H: Tensor, W: Tensor, percdamp: float) -> Tensor:
     H[dead, dead] = 1
     W[:, dead] = 0
     damp = percdamp * torch.mean(torch.diag(H))
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(6):  # raise the damping tenfold until H is numerically positive definite
         L, info = torch.linalg.cholesky_ex(H + (damp * 10**attempt) * eye)
         if info == 0:
@@ -40,7 +40,9 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: LinearQuantSpec, percdamp: float =
     Rows are independent given H, so linears that share an input (q/k/v, gate/up) are quantized as one
     stacked W. The column loop runs in float32 (as GPTQ's reference code does) on a float64-inverted H.
     """
+    device = W.device
     W = W.detach().float().clone()
+    H = H.to(device)
     N, K = W.shape
     Kn, g, r = spec.n_normal, spec.group_size, spec.weight_channel_group
     fmt = spec.weight_format
@@ -49,8 +51,8 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: LinearQuantSpec, percdamp: float =
     integer = fmt.startswith("int")
     qmin, qmax = quant.int_range(fmt)
 
-    units = torch.zeros(N, Kn, dtype=torch.int8)
-    scales = torch.zeros(N // r, Kn // g, dtype=torch.float32)
+    units = torch.zeros(N, Kn, dtype=torch.int8, device=device)
+    scales = torch.zeros(N // r, Kn // g, dtype=torch.float32, device=device)
     for b0 in range(0, Kn, blocksize):
         b1 = min(b0 + blocksize, Kn)
         Wb = W[:, b0:b1].clone()

@@ -29,12 +29,16 @@ from .base import AtomPass, PassResult, add_attr, aten, atom, get_attr_tensor, s
 from .outlier_analysis import linear_inputs
 
 
+def _permute(t: torch.Tensor, dim: int, perm: torch.Tensor) -> torch.Tensor:
+    return t.index_select(dim, perm.to(t.device)).contiguous()
+
+
 def _permute_rows(gm: fx.GraphModule, lin: fx.Node, perm: torch.Tensor) -> None:
     w = lin.args[1]
-    set_attr_tensor(gm, w.target, get_attr_tensor(gm, w).index_select(0, perm).contiguous())
+    set_attr_tensor(gm, w.target, _permute(get_attr_tensor(gm, w), 0, perm))
     bias = lin.args[2] if len(lin.args) > 2 else None
     if bias is not None:
-        set_attr_tensor(gm, bias.target, get_attr_tensor(gm, bias).index_select(0, perm).contiguous())
+        set_attr_tensor(gm, bias.target, _permute(get_attr_tensor(gm, bias), 0, perm))
 
 
 def _gated_mlp_producers(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
@@ -70,8 +74,9 @@ class ReorderChannels(AtomPass):
             only_linears = len(src.users) == len(consumers)
             mlp = _gated_mlp_producers(src)
             if src.target == atom.rms_norm.default and only_linears and src.args[3] is None:
-                set_attr_tensor(gm, src.args[1].target, get_attr_tensor(gm, src.args[1]).index_select(0, perm))
-                src.args = (*src.args[:3], add_attr(gm, src, f"{name}_perm", perm))
+                norm_w = get_attr_tensor(gm, src.args[1])
+                set_attr_tensor(gm, src.args[1].target, _permute(norm_w, 0, perm))
+                src.args = (*src.args[:3], add_attr(gm, src, f"{name}_perm", perm.to(norm_w.device)))
                 src.meta["atom.perm"] = perm
                 src.meta["atom.reorder"] = "gather fused into the norm"
             elif mlp is not None and only_linears:
@@ -80,7 +85,7 @@ class ReorderChannels(AtomPass):
                 src.meta["atom.perm"] = perm
                 src.meta["atom.reorder"] = "gate/up rows permuted"
             else:
-                set_attr_tensor(gm, f"{name}_perm", perm)
+                set_attr_tensor(gm, f"{name}_perm", perm.to(get_attr_tensor(gm, consumers[0].args[1]).device))
                 with gm.graph.inserting_after(src):
                     perm_node = gm.graph.get_attr(f"{name}_perm")
                 with gm.graph.inserting_after(perm_node):
@@ -94,7 +99,7 @@ class ReorderChannels(AtomPass):
                 hessians[name] = hessians[name][perm][:, perm]
             for lin in consumers:
                 w = lin.args[1]
-                set_attr_tensor(gm, w.target, get_attr_tensor(gm, w).index_select(1, perm).contiguous())
+                set_attr_tensor(gm, w.target, _permute(get_attr_tensor(gm, w), 1, perm))
                 lin.meta["atom.input_perm"] = perm
         gm.graph.lint()
         gm.recompile()

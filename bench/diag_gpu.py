@@ -1,0 +1,59 @@
+"""Where do the Triton and reference lowerings of one layer diverge? Per-node relative error on the GPU."""
+
+import copy
+import sys
+
+import torch
+import torch.fx as fx
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import atom_compile
+from atom_compile import AtomConfig
+from atom_compile.kv_cache import allocate_layer_cache
+
+
+class Capture(fx.Interpreter):
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.values = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.op == "call_function":
+            self.values[n.name] = [o.detach().clone() for o in out] if isinstance(out, (tuple, list)) else [out.detach().clone()]
+        return out
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item(), (a != b).float().mean().item()
+
+
+def main(dtype):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=64)
+    m = LlamaForCausalLM(cfg).eval().cuda().to(dtype)
+    calib = torch.randint(0, 64, (2, 16), device="cuda")
+    q = atom_compile.compile(m, calib, AtomConfig(group_size=64, n_outliers=64), progress=False, backend="reference")
+    gm_ref = q.layers[0]
+    gm_tri = atom_compile.lowering.lower(copy.deepcopy(gm_ref), "triton")
+    x = torch.randn(2, 12, 256, device="cuda", dtype=dtype)
+    pos = torch.arange(12, device="cuda")[None].expand(2, -1)
+    cos, sin = m.model.rotary_emb(x, pos)
+    results = []
+    for gm in (gm_ref, gm_tri):
+        caches = allocate_layer_cache(gm.meta["atom.kv_cache_spec"], 2, 2, 12, dtype, "cuda")
+        c = Capture(gm)
+        with torch.no_grad():
+            c.run(x, cos, sin, torch.zeros(2, dtype=torch.int32, device="cuda"), *caches)
+        results.append(c.values)
+    print(f"--- {dtype}: node, rel err per output, fraction of elements that differ")
+    for name, outs in results[0].items():
+        errs = [rel(t, r) for t, r in zip(results[1][name], outs)]
+        print(f"{name:40s} " + "  ".join(f"{e:.2e}/{f:.3f}" for e, f in errs))
+
+
+if __name__ == "__main__":
+    for dt in (torch.float32, torch.bfloat16):
+        main(dt)
