@@ -37,7 +37,12 @@ def main(dtype):
     calib = torch.randint(0, 64, (2, 16), device="cuda")
     q = atom_compile.compile(m, calib, AtomConfig(group_size=64, n_outliers=64), progress=False, backend="reference")
     gm_ref = q.layers[0]
-    gm_tri = atom_compile.lowering.lower(copy.deepcopy(gm_ref), "triton")
+    gm_tri = copy.deepcopy(gm_ref)
+    for n in gm_tri.graph.nodes:  # back to the atom ops, then bind them to the Triton kernels
+        if "atom.op" in n.meta:
+            n.target = n.meta["atom.op"]
+    gm_tri = atom_compile.lowering.lower(gm_tri, "triton")
+    assert any(r[2].startswith("triton") for r in gm_tri.meta["atom.kernel_table"])
     x = torch.randn(2, 12, 256, device="cuda", dtype=dtype)
     pos = torch.arange(12, device="cuda")[None].expand(2, -1)
     cos, sin = m.model.rotary_emb(x, pos)
