@@ -29,7 +29,7 @@ from atom_compile.runtime import AtomForCausalLM
 from bench.common import environment
 
 
-def build(layers_dir: Path, hf_model, backend: str, dtype: torch.dtype) -> AtomForCausalLM:
+def build(layers_dir: Path, hf_model, backend: str, dtype: torch.dtype, device: str = "cuda") -> AtomForCausalLM:
     meta = json.loads((layers_dir / CONFIG).read_text())
     graphs = json.loads((layers_dir / GRAPHS).read_text())["layers"]
     tensors = load_file(str(layers_dir / "layers.safetensors"))
@@ -40,7 +40,7 @@ def build(layers_dir: Path, hf_model, backend: str, dtype: torch.dtype) -> AtomF
             if key.startswith(f"layers.{i}."):
                 t = t.to(dtype) if t.is_floating_point() and t.dtype == torch.float32 and key.endswith(("weight",)) else t
                 root.register_buffer(key[len(f"layers.{i}."):], t)
-        gm = graph_from_json(g, root).cuda()
+        gm = graph_from_json(g, root).to(device)
         for n in gm.graph.nodes:  # the graph was built for float32 activations; run it in ``dtype``
             n.args = tuple(dtype if a is torch.float32 else a for a in n.args)
         gm.recompile()
@@ -49,7 +49,7 @@ def build(layers_dir: Path, hf_model, backend: str, dtype: torch.dtype) -> AtomF
     cfg = AutoConfig.for_model(hf.pop("model_type"), **hf)
     emb = hf_model.model.embed_tokens.weight.detach().to(dtype)
     return AtomForCausalLM(ArchInfo(**meta["arch"]), layers, emb, hf_model.model.norm.weight.detach().to(dtype), emb,
-                           LlamaRotaryEmbedding(cfg).cuda(), AtomConfig.from_dict(meta["atom_config"]),
+                           LlamaRotaryEmbedding(cfg).to(device), AtomConfig.from_dict(meta["atom_config"]),
                            hf_config=meta["hf_config"])
 
 
