@@ -166,10 +166,12 @@ def mse_group_scales(x: Tensor, fmt: str, group_size: int, rows_per_scale: int =
     return best
 
 
-def dequantize_groups(units: Tensor, scales: Tensor, group_size: int, rows_per_scale: int = 1) -> Tensor:
+def dequantize_groups(units: Tensor, scales: Tensor, group_size: int, rows_per_scale: int = 1,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """Integer units [..., K] times their group's scale, computed in ``dtype``."""
     s = scales if rows_per_scale == 1 else scales.repeat_interleave(rows_per_scale, dim=-2)
     *lead, K = units.shape
-    return (units.float().reshape(*lead, K // group_size, group_size) * s.unsqueeze(-1)).reshape(*lead, K)
+    return (units.to(dtype).reshape(*lead, K // group_size, group_size) * s.to(dtype).unsqueeze(-1)).reshape(*lead, K)
 
 
 def quantize_with_scales(x: Tensor, scales: Tensor, fmt: str, group_size: int, rows_per_scale: int = 1) -> Tensor:
@@ -238,10 +240,7 @@ def dequantize_rows(
     Computed in float32 (float64 when ``dtype`` is float64) and returned in ``dtype``.
     """
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    units = decode_codes(q, fmt, group_size).to(cdt)
-    *lead, Kn = units.shape
-    s = scales if rows_per_scale == 1 else scales.repeat_interleave(rows_per_scale, dim=-2)
-    normal = (units.reshape(*lead, Kn // group_size, group_size) * s.to(cdt).unsqueeze(-1)).reshape(*lead, Kn)
+    normal = dequantize_groups(decode_codes(q, fmt, group_size), scales, group_size, rows_per_scale, cdt)
     os_ = outlier_scales if rows_per_scale == 1 else outlier_scales.repeat_interleave(rows_per_scale, dim=-2)
     out = outliers.to(cdt) if outlier_format == "fp16" else outliers.to(cdt) * os_.to(cdt)
     return torch.cat([normal, out], dim=-1).to(dtype)
