@@ -17,25 +17,13 @@ sys.path.insert(0, str(Path(__file__).parent))  # harness.py, fake_quant.py
 import atom_compile  # noqa: E402
 from atom_compile.calibration import LayerCalibration  # noqa: E402
 from atom_compile.capture import capture_layer  # noqa: E402
-from atom_compile.data import BUNDLED_CALIB, BUNDLED_EVAL, read_text, tokenize, windows  # noqa: E402
+from atom_compile.data import read_text, tokenize, windows  # noqa: E402
 from atom_compile.models import check_architecture  # noqa: E402
 from atom_compile.passes import PassContext  # noqa: E402
 from harness import LayerInputs  # noqa: E402
+from shared_data import data_file  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 LAYER = 2  # the decoder layer the pass tests rewrite (real inputs from the fp model's layers 0-1)
-
-
-def data_file(name: str) -> Path:
-    """A file of ../shared/data (the project's real evaluation data); the bundled samples stand in for the
-    two Wikipedia splits if ../shared is absent."""
-    p = SHARED / name
-    if p.is_file():
-        return p
-    fallback = {"enwiki_calib.txt": BUNDLED_CALIB, "enwiki_eval.txt": BUNDLED_EVAL}.get(name)
-    if fallback is None:
-        pytest.skip(f"{p} is not available")
-    return fallback
 
 
 @pytest.fixture(scope="session")

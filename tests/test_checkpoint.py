@@ -36,7 +36,7 @@ def test_reload_is_bit_exact(smol_ckpt, eval_ids):
 
 
 def test_cli_quantize_then_eval_the_directory(tmp_path, capsys):
-    from conftest import data_file
+    from shared_data import data_file
 
     out = tmp_path / "q"
     assert main(["quantize", "--config", "w8a8", "--out", str(out)]) == 0

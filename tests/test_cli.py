@@ -5,7 +5,7 @@ import json
 import pytest
 
 from atom_compile.cli import main
-from conftest import data_file
+from shared_data import data_file
 
 
 def test_eval_json(capsys):
