@@ -44,6 +44,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--backend", choices=["reference", "triton"], default=None,
+                   help="kernels the lowering binds (default: triton on CUDA, the reference ops elsewhere)")
 
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
@@ -81,7 +83,7 @@ def _compile(model, tok, cfg, args, dump_dir=None):
     calib = [read_text(args.calib_file or BUNDLED_CALIB)] if cfg.needs_calibration else None
     return atom_compile.compile(
         model, calib, cfg, dump_dir=dump_dir, tokenizer=tok, calib_samples=args.calib_samples,
-        calib_seqlen=args.calib_seqlen,
+        calib_seqlen=args.calib_seqlen, backend=getattr(args, "backend", None),
     )
 
 
@@ -236,17 +238,17 @@ def cmd_ablate(args) -> int:
                          "kl": r["kl"], "top1": r["top1_agreement"], "tokens": r["tokens"],
                          "compile_s": compile_s.get(name, 0.0), "eval_s": r["seconds"],
                          "paper_llama7b": PAPER_LLAMA7B.get(step)})
+        if args.out:  # after every text, so a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps({
+                "command": "atom-compile " + " ".join(sys.argv[1:]), "environment": _environment(args.device),
+                "configs": {k: v.to_dict() for k, v in steps.items()}, "rows": rows}, indent=2))
     print(tabulate([list(r.values()) for r in rows], headers=list(rows[0].keys()), tablefmt="github", floatfmt=".4g"))
-    if args.out:
-        Path(args.out).write_text(json.dumps({
-            "command": "atom-compile " + " ".join(sys.argv[1:]), "environment": _environment(),
-            "configs": {k: v.to_dict() for k, v in steps.items()}, "rows": rows}, indent=2))
     if args.png:
         _ablation_chart(rows, args.png)
     return 0
 
 
-def _environment() -> dict:
+def _environment(device: str = "cpu") -> dict:
     import datetime
     import platform
 
@@ -254,7 +256,8 @@ def _environment() -> dict:
 
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "cpu_threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+            "cpu_threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else f"cpu ({platform.processor() or platform.machine()})"}
 
 
 def _ablation_chart(rows: list[dict], path: str) -> None:

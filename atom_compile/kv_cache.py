@@ -43,5 +43,14 @@ class KVCache:
     def advance(self, n_tokens: int) -> None:
         self.seqlens += n_tokens
 
+    def set_lengths(self, lengths) -> None:
+        """Each sequence's true length, e.g. after a right-padded batched prefill: the next tokens of a
+        shorter sequence go right after its own last token and overwrite its padding."""
+        lengths = torch.as_tensor(lengths, dtype=torch.int32, device=self.seqlens.device)
+        if lengths.shape != self.seqlens.shape or bool((lengths < 0).any()) or bool((lengths > self.seqlens).any()):
+            raise ValueError(f"lengths must be {self.batch_size} values in [0, current length], "
+                             f"got {lengths.tolist()} for current lengths {self.seqlens.tolist()}")
+        self.seqlens = lengths.clone()
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)

@@ -3,7 +3,8 @@
 Requires: -
 Provides: {"kv_rotated"}
 
-Not in the Atom paper (QuaRot rotates its KV cache the same way); off unless ``kv_rotation=True``. The
+Not in the Atom paper (QuaRot rotates its KV cache the same way); on in the atom presets, off by default
+in AtomConfig; skipped with a warning where head_dim is not a power of two. The
 orthonormal, symmetric Hadamard matrix H (order head_dim) spreads a key's few large RoPE channels over all
 of them, and q.k = (Hq).(Hk). V's rotation folds into the weights for free; K's is applied after RoPE::
 
@@ -20,10 +21,11 @@ the KV cache in 4 bits: 1.110x fp perplexity without rotation, 1.040x with it.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.fx as fx
 
-from atom_compile.config import ConfigError
 from atom_compile.ops import hadamard_matrix
 
 from .base import AtomPass, PassResult, atom, get_attr_tensor, set_attr_tensor
@@ -36,8 +38,10 @@ class RotateKVHeads(AtomPass):
         if not self.ctx.config.kv_rotation:
             return PassResult(gm, False)
         D = self.ctx.arch.head_dim
-        if D & (D - 1):
-            raise ConfigError(f"kv_rotation needs a power-of-two head_dim, this model has {D}; set kv_rotation=False")
+        if D & (D - 1):  # part of the adaptation rule: the presets turn it on, a model may not allow it
+            warnings.warn(f"kv_rotation skipped: head_dim {D} is not a power of two (Sylvester-Hadamard "
+                          "needs one); the KV cache is quantized unrotated", stacklevel=2)
+            return PassResult(gm, False)
         nodes = {n.name: n for n in gm.graph.nodes}
         for name in ("q_rope", "k_rope"):
             rope = nodes[name]

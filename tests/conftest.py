@@ -33,6 +33,15 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def smollm2_f64(smollm2):
+    """The same model in float64: where a 4-bit model's float32 rounding would flip codes now and then and
+    move its logits by whole quantization steps, float64 lets two paths be compared to 1e-9."""
+    import copy
+
+    return copy.deepcopy(smollm2[0]).double(), smollm2[1]
+
+
+@pytest.fixture(scope="session")
 def arch(smollm2):
     return check_architecture(smollm2[0].config)
 

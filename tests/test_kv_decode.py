@@ -1,9 +1,11 @@
 """Incremental decoding through the model's own KV cache gives the logits of the full forward pass.
 
-Stated tolerance: |logits_decode - logits_full| <= 2e-3 * max|logits_full| for the fp config, and the
-same argmax at every position plus a mean |diff| <= 1e-2 * mean|logits| for the quantized ones. K/V and
-activations are quantized per token, so both paths quantize identical values; what differs is the
-float summation order of matmuls over 1 vs many rows, which can flip a rounding boundary now and then.
+Stated tolerance: |logits_decode - logits_full| <= 2e-3 * max|logits_full| for the fp config in float32.
+The quantized configs are compared in float64, to 1e-9 * max|logits|: K/V and activations are quantized
+per token, so both paths quantize identical values and only the summation order of matmuls over 1 vs many
+rows differs. In float32 that difference flips a rounding boundary now and then, and a flipped 4-bit (or
+8-bit) code moves a value by a whole step; measured on this model, it moves single logits by up to 2.2
+(of 32) after 30 layers, while float64 leaves 3e-14. Float64 keeps the check sharp.
 """
 
 import pytest
@@ -17,10 +19,13 @@ def tokens(eval_ids):
     return eval_ids[1000:1048].unsqueeze(0)
 
 
-@pytest.mark.parametrize("config", ["fp", "atom-w4a4-rtn"])
-def test_decode_matches_full_forward(smollm2, calib_text, tokens, config):
-    model, tok = smollm2
-    qm = atom_compile.compile(model, [calib_text[:60_000]], config, tokenizer=tok, calib_samples=4,
+@pytest.mark.parametrize("config", ["fp", "atom-w4a4-rtn", "atom-w4a4-rtn-paper-kv"])
+def test_decode_matches_full_forward(smollm2, smollm2_f64, calib_text, tokens, config):
+    """``-paper-kv``: the preset without the KV rotation."""
+    model, tok = smollm2 if config == "fp" else smollm2_f64
+    name = config.removesuffix("-paper-kv")
+    cfg = atom_compile.get_config(name, **({"kv_rotation": False} if name != config else {}))
+    qm = atom_compile.compile(model, [calib_text[:60_000]], cfg, tokenizer=tok, calib_samples=4,
                               calib_seqlen=128, progress=False)
     full = qm(tokens)
     cache = qm.new_cache(1, tokens.shape[1])
@@ -29,25 +34,25 @@ def test_decode_matches_full_forward(smollm2, calib_text, tokens, config):
         parts.append(qm(tokens[:, t : t + 1], cache))
     step = torch.cat(parts, dim=1)
     assert int(cache.seqlens) == tokens.shape[1]
-    if config == "fp":
-        assert (step - full).abs().max() <= 2e-3 * full.abs().max()
-    else:
-        assert torch.equal(step.argmax(-1), full.argmax(-1))
-        assert (step - full).abs().mean() <= 1e-2 * full.abs().mean()
+    bound = 2e-3 if config == "fp" else 1e-9
+    assert (step - full).abs().max() <= bound * full.abs().max()
 
 
-def test_batched_decode_with_ragged_starts(smollm2, tokens):
-    """Two sequences in one cache, the second started later: each matches its own full forward."""
-    model, _ = smollm2
-    qm = atom_compile.compile(model, None, "w8a8", progress=False)
+@pytest.mark.parametrize("config", ["w8a8", "atom-w4a4-rtn"])
+def test_batched_decode_with_ragged_starts(smollm2_f64, calib_text, tokens, config):
+    """Two sequences of different lengths in one cache (a right-padded prefill, then one decode step for
+    both): each matches its own full forward."""
+    model, tok = smollm2_f64
+    qm = atom_compile.compile(model, [calib_text[:60_000]], config, tokenizer=tok, calib_samples=4,
+                              calib_seqlen=128, progress=False)
     a, b = tokens[:, :24], tokens[:, 24:48]
-    full_a, full_b = qm(a), qm(b)
+    full_a, full_b = qm(a), qm(b[:, :13])
     cache = qm.new_cache(2, 32)
     qm(torch.cat([a[:, :20], b[:, :20]]), cache)
-    step = qm(torch.cat([a[:, 20:21], b[:, 20:21]]), cache)
-    assert torch.equal(step[0].argmax(-1), full_a[0, 20:21].argmax(-1))
-    assert (step[0] - full_a[0, 20:21]).abs().max() <= 2e-2 * full_a.abs().max()
-    assert (step[1] - full_b[0, 20:21]).abs().max() <= 2e-2 * full_b.abs().max()
+    cache.set_lengths([20, 12])  # b is 12 tokens long: its last 8 prefill tokens were padding
+    step = qm(torch.cat([a[:, 20:21], b[:, 12:13]]), cache)
+    assert (step[0] - full_a[0, 20:21]).abs().max() <= 1e-9 * full_a.abs().max()
+    assert (step[1] - full_b[0, 12:13]).abs().max() <= 1e-9 * full_b.abs().max()
 
 
 def test_generate_uses_the_cache(smollm2):
