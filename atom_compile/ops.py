@@ -343,10 +343,13 @@ def quant_linear_reference(
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     acc = torch.zeros(xi.shape[0], wi.shape[0], dtype=acc_dtype, device=xq.device)
     sa, sw = sa.to(acc_dtype), sw.to(acc_dtype)
-    for g in range(sa.shape[-1]):
-        cols = slice(g * group_size, (g + 1) * group_size)
-        part = quant.integer_matmul(xi[:, cols], wi[:, cols], amax, wmax).to(acc_dtype)
-        acc += part.mul_(sa[:, g : g + 1]).mul_(sw[:, g])  # (sum * s_act) * s_weight, then accumulate
+    G = sa.shape[-1]
+    # every group's integer dot products in one batched matmul, exact in this dtype (see integer_matmul)
+    mm = quant.exact_matmul_dtype(group_size, amax, wmax)
+    parts = torch.bmm(xi.to(mm).reshape(-1, G, group_size).transpose(0, 1),  # [G, M, g]
+                      wi.to(mm).reshape(-1, G, group_size).permute(1, 2, 0))  # [G, g, N]
+    for g in range(G):
+        acc += parts[g].to(acc_dtype).mul_(sa[:, g : g + 1]).mul_(sw[:, g])  # (sum * s_act) * s_weight, in order
     n_out = xo.shape[-1]
     if n_out:
         xo2 = xo.reshape(-1, n_out)

@@ -104,13 +104,11 @@ def unpack_nibbles(packed: Tensor, group_size: int, signed: bool = True) -> Tens
     """Inverse of ``pack_nibbles``: [..., K/2] int8 -> [..., K] int32 (sign-extended if ``signed``)."""
     *lead, Kh = packed.shape
     g = group_size
-    p = packed.to(torch.int32).reshape(*lead, Kh // (g // 2), 1, g // 2)
-    lo = p & 0xF
-    hi = (p >> 4) & 0xF
+    p = packed.view(torch.uint8).reshape(*lead, Kh // (g // 2), 1, g // 2)
+    nibbles = torch.cat([p & 0xF, p >> 4], dim=-2).reshape(*lead, Kh * 2)  # uint8 0..15, one pass
     if signed:
-        lo = (lo ^ 8) - 8
-        hi = (hi ^ 8) - 8
-    return torch.cat([lo, hi], dim=-2).reshape(*lead, Kh * 2)
+        nibbles = (nibbles ^ 8).view(torch.int8) - 8  # two's complement of the 4-bit code
+    return nibbles.to(torch.int32)
 
 
 def decode_codes(q: Tensor, fmt: str, group_size: int) -> Tensor:
