@@ -66,7 +66,8 @@ def test_atom_agrees_with_an_independent_implementation_and_stays_close_to_fp(sm
     within an ulp of a rounding boundary; such a flip moves one value by a whole 4-bit step, and a flipped
     K code of an early token reaches every later token of that layer. Measured over the 30 layers on 256
     tokens: relative error median 8.6e-5, worst 1.6e-3, layers without a flip 5e-8; the same simulation
-    with the KV cache unrotated (a different algorithm) misses by a median of 2.2e-2. End to end, flips compound over 30 layers, so the perplexities of the two agree to
+    with the KV cache unrotated (a different algorithm) misses by a median of 2.2e-2. End to end, flips
+    compound over 30 layers, so the perplexities of the two agree to
     the noise floor measured on these 1,024 tokens (0.3% to 1.7% across configs), bounded here at 3%.
     """
     orders = {i: {k: gm.meta["atom.outlier_order"][g] for g, k in GRAPH_INPUTS.items()}
