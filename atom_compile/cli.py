@@ -44,8 +44,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--backend", choices=["reference", "triton"], default=None,
-                   help="kernels the lowering binds (default: triton on CUDA, the reference ops elsewhere)")
+    p.add_argument("--backend", choices=["reference", "triton", "dequant"], default=None,
+                   help="kernels the lowering binds (default: triton on CUDA, the reference ops elsewhere; "
+                        "dequant: the reference quantizers with float GEMMs over dequantized operands, "
+                        "3-4x faster on a CPU, within 1e-6 of reference)")
 
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -61,8 +63,11 @@ def _rope_fake(x, cos, sin):
     return torch.empty_like(x)
 
 
+@functools.lru_cache(maxsize=32)
 def hadamard_matrix(n: int, dtype=torch.float32, device=None) -> Tensor:
-    """The orthonormal Sylvester-Hadamard matrix of order n (a power of two); symmetric, its own inverse."""
+    """The orthonormal Sylvester-Hadamard matrix of order n (a power of two); symmetric, its own inverse.
+
+    Cached per (n, dtype, device): built once, so that no host-to-device copy happens inside a CUDA graph."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"a Hadamard rotation needs a power-of-two size, got {n}")
     h = torch.ones(1, 1, dtype=torch.float64)
@@ -74,7 +79,7 @@ def hadamard_matrix(n: int, dtype=torch.float32, device=None) -> Tensor:
 def hadamard_heads_reference(x: Tensor, head_dim: int) -> Tensor:
     """Rotate each head of x [..., heads * D] by the orthonormal Hadamard matrix of order D."""
     cdt = quant.compute_dtype(x)
-    h = hadamard_matrix(head_dim, cdt, x.device)
+    h = hadamard_matrix(head_dim, cdt, x.device)  # cached: never modified
     xs = x.to(cdt).unflatten(-1, (-1, head_dim))
     return (xs @ h).flatten(-2).to(x.dtype)
 

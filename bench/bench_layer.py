@@ -20,6 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from atom_compile.calibration import LayerCalibration
 from atom_compile.capture import capture_layer
+from atom_compile.cli import _parse_overrides
 from atom_compile.config import get_config
 from atom_compile.kv_cache import allocate_layer_cache
 from atom_compile.lowering import lower
@@ -76,12 +77,12 @@ class Bf16Layer:
         return x + F.linear(F.silu(F.linear(h, self.w["gate_proj"])) * F.linear(h, self.w["up_proj"]), self.w["down_proj"])
 
 
-def compile_atom_layer(layer, cfg, config_name: str):
+def compile_atom_layer(layer, cfg, config_name: str, overrides: dict | None = None):
     arch = check_architecture(cfg)
     gm = capture_layer(layer, arch, 0)
     calib_h = torch.randn(4, 128, cfg.hidden_size, device=DEV, dtype=DT)
     cos, sin = rotary(torch.arange(128, device=DEV)[None], arch.head_dim)
-    ctx = PassContext(get_config(config_name), arch, LayerCalibration(calib_h, cos, sin, arch.num_kv_heads, 4))
+    ctx = PassContext(get_config(config_name, **(overrides or {})), arch, LayerCalibration(calib_h, cos, sin, arch.num_kv_heads, 4))
     gm = run_pipeline(gm, ctx)
     ref = lower(copy.deepcopy(gm), "reference")
     return lower(gm, "triton"), ref, arch
@@ -115,7 +116,7 @@ def kernel_breakdown(fn, steps: int = 3) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_layer"])[:12]
 
 
-def run(quick: bool, out: str | None, config_name: str) -> None:
+def run(quick: bool, out: str | None, config_name: str, overrides: dict | None = None) -> None:
     torch.manual_seed(0)
     cfg = llama7b_config(quick)
     layer = LlamaDecoderLayer(cfg, 0).to(DEV, DT).eval()
@@ -124,7 +125,7 @@ def run(quick: bool, out: str | None, config_name: str) -> None:
             if p.dim() == 2:
                 p.normal_(0, 0.02)
     base = Bf16Layer(layer, cfg)
-    atom, ref, arch = compile_atom_layer(layer, cfg, config_name)
+    atom, ref, arch = compile_atom_layer(layer, cfg, config_name, overrides)
     spec = atom.meta["atom.kv_cache_spec"]
     Hkv, D = cfg.num_key_value_heads, arch.head_dim
     rows, extra = [], {"breakdown": {}}
@@ -151,7 +152,9 @@ def run(quick: bool, out: str | None, config_name: str) -> None:
                 "atom": kernel_breakdown(lambda: atom(x, cos, sin, seqlens, *kq)),
                 "bf16": kernel_breakdown(lambda: base(x, cos, sin, kb, vb, ctx_len)),
             }
-    report(f"decoder layer ({'quick' if quick else 'Llama-7B'} shapes, {config_name} vs bf16)", rows, out, extra)
+    extra["overrides"] = overrides or {}
+    report(f"decoder layer ({'quick' if quick else 'Llama-7B'} shapes, {config_name} {overrides or ''} vs bf16)",
+           rows, out, extra)
     for name, b in extra["breakdown"].items():
         for side in ("atom", "bf16"):
             print(f"\n{name} / {side}: top kernels (us per layer call)")
@@ -164,5 +167,7 @@ if __name__ == "__main__":
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--config", default="atom-w4a4-rtn")
+    ap.add_argument("--set", action="append", metavar="KNOB=VALUE", default=[],
+                    help="override an AtomConfig knob, e.g. --set channel_order=outliers_last")
     a = ap.parse_args()
-    run(a.quick, a.out, a.config)
+    run(a.quick, a.out, a.config, _parse_overrides(a.set))

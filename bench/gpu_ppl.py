@@ -4,7 +4,8 @@ The quantized layers come from a checkpoint written on the CPU (``atom-compile q
 run identical codes, scales and orders; only the backend differs. The embeddings and LM head are rebuilt
 from the source GGUF (the checkpoint's copy of them is left out to keep the transfer small).
 
-    python -m bench.gpu_ppl --layers DIR --gguf FILE --windows FILE.safetensors --cpu-ppl X --out OUT.json
+    python -m bench.gpu_ppl --layers DIR --gguf FILE --windows FILE.safetensors --cpu-reference --out CPU.json  # CPU
+    python -m bench.gpu_ppl --layers DIR --gguf FILE --windows FILE.safetensors --cpu-ppl X --out OUT.json      # GPU
 """
 
 from __future__ import annotations
@@ -58,10 +59,23 @@ def main() -> None:
     ap.add_argument("--layers", required=True)
     ap.add_argument("--gguf", required=True)
     ap.add_argument("--windows", required=True)
-    ap.add_argument("--cpu-ppl", type=float, required=True, help="the CPU reference path's perplexity")
+    ap.add_argument("--cpu-ppl", type=float, default=None, help="the CPU reference path's perplexity")
+    ap.add_argument("--cpu-reference", action="store_true",
+                    help="compute the CPU reference path's perplexity (run on the CPU first; pass it as --cpu-ppl)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     windows = load_file(a.windows)["windows"]
+    if a.cpu_reference:
+        hf_model, _ = models.load_model(a.gguf, dtype=torch.float32, device="cpu")
+        start = time.perf_counter()
+        qm = build(Path(a.layers), hf_model, "reference", torch.float32, device="cpu")
+        r = perplexity(qm, windows, batch_size=8, device="cpu", progress=True)
+        result = {"environment": environment(), "backend": "reference", "device": "cpu", "ppl": r["ppl"],
+                  "tokens": r["tokens"], "seconds": time.perf_counter() - start}
+        print(json.dumps(result, indent=2))
+        if a.out:
+            Path(a.out).write_text(json.dumps(result, indent=2))
+        return
     hf_model, _ = models.load_model(a.gguf, dtype=torch.float32, device="cuda")
     rows = []
     for backend, dtype in (("triton", torch.float32), ("reference", torch.float32), ("triton", torch.bfloat16)):
@@ -69,7 +83,7 @@ def main() -> None:
         qm = build(Path(a.layers), hf_model, backend, dtype)
         r = perplexity(qm, windows, batch_size=8, device="cuda", progress=False)
         rows.append({"backend": backend, "dtype": str(dtype).removeprefix("torch."), "ppl": r["ppl"],
-                     "vs_cpu_reference": r["ppl"] / a.cpu_ppl - 1, "tokens": r["tokens"],
+                     "vs_cpu_reference": r["ppl"] / a.cpu_ppl - 1 if a.cpu_ppl else None, "tokens": r["tokens"],
                      "seconds": time.perf_counter() - start})
         print(rows[-1], flush=True)
     fp = perplexity(lambda x: hf_model(x).logits, windows, batch_size=8, device="cuda", progress=False)["ppl"]

@@ -29,10 +29,14 @@ def _backend_bindings(name: str) -> dict:
         from .triton import BINDINGS
 
         return BINDINGS
+    if name == "dequant":
+        from .dequant import BINDINGS
+
+        return BINDINGS
     raise LoweringError(f"unknown backend {name!r}; backends: {', '.join(BACKENDS)}")
 
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "dequant")
 
 
 def pick_backend(device: torch.device | str) -> str:
@@ -70,3 +74,11 @@ def lower(gm: fx.GraphModule, backend: str = "reference") -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def relower(gm: fx.GraphModule, backend: str) -> fx.GraphModule:
+    """Lower an already lowered graph module again, for another backend (in place)."""
+    for node in gm.graph.nodes:
+        if "atom.op" in node.meta:
+            node.target = node.meta["atom.op"]
+    return lower(gm, backend)
