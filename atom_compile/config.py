@@ -33,7 +33,6 @@ ELEMENT_FORMATS = INT_FORMATS | {"fp4"}
 OUTLIER_FORMATS = {"int8", "fp16"}
 WEIGHT_METHODS = {"rtn", "gptq"}
 OUTLIER_METRICS = {"hessian", "abs_mean"}
-CHANNEL_ORDERS = {"sorted", "outliers_last"}
 KV_BITS = {2, 4, 8}
 
 
@@ -80,10 +79,6 @@ class AtomConfig:
     n_outliers: int = 128
     outlier_format: str = "int8"
     outlier_metric: str = "hessian"
-    # "sorted": every channel by score, ascending (Atom's reorder: groups hold channels of similar size);
-    # "outliers_last": the normal channels keep their original relative order, only the outliers move to
-    # the end, so the fused norm kernels read each row almost contiguously instead of gathering it
-    channel_order: str = "sorted"
     weight_clip: float = 0.85
     act_clip: float = 0.9
     weight_method: str = "rtn"
@@ -114,8 +109,6 @@ class AtomConfig:
             bad(f"outlier_format {self.outlier_format!r} is not one of {sorted(OUTLIER_FORMATS)}")
         if self.outlier_metric not in OUTLIER_METRICS:
             bad(f"outlier_metric {self.outlier_metric!r} is not one of {sorted(OUTLIER_METRICS)}")
-        if self.channel_order not in CHANNEL_ORDERS:
-            bad(f"channel_order {self.channel_order!r} is not one of {sorted(CHANNEL_ORDERS)}")
         if self.weight_method not in WEIGHT_METHODS:
             bad(f"weight_method {self.weight_method!r} is not one of {sorted(WEIGHT_METHODS)}")
         if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):

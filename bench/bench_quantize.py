@@ -137,32 +137,6 @@ def main(argv=None):
                   lambda: ops.gather_quant_reference(*_cpu_rows(x, perm), *qargs),
                   _bytes(M, K, n_out, g, 1, K * perm.element_size()), copy_gbs,
                   "gather_quant", f"{M}x{K}", lambda o, r: _check(o, r, g, True), sweep)
-
-    # --- the same two with channel_order="outliers_last": normal channels in order, read directly
-    outl = torch.randperm(K, device=dev)[:n_out]
-    keep = torch.ones(K, dtype=torch.bool, device=dev)
-    keep[outl] = False
-    perm_ol = torch.cat([torch.nonzero(keep).flatten(), outl])
-    sweep = []
-    if args.sweep:
-        sweep = [(f"direct,rows={r},warps={nw}", (lambda r=r, nw=nw: rms_norm_quant(
-            x, w, EPS, perm_ol, *qargs, rows_per_program=r, num_warps=nw, direct=True)))
-            for r in (1, 2, 4, 8) for nw in (2, 4, 8)]
-    rows += _time(lambda: rms_norm_quant(x, w, EPS, perm_ol, *qargs, direct=True),
-                  lambda: ops.rms_norm_quant_reference(x, w, EPS, perm_ol, *qargs),
-                  lambda: ops.rms_norm_quant_reference(*_cpu_rows(x, w), EPS, perm_ol.cpu(), *qargs),
-                  _bytes(M, K, n_out, g, 1, K * 2 + K * perm_ol.element_size()), copy_gbs,
-                  "rms_norm_quant (outliers_last, direct)", f"{M}x{K}", lambda o, r: _check(o, r, g, False), sweep)
-    sweep = []
-    if args.sweep:
-        sweep = [(f"direct,rows={r},warps={nw}", (lambda r=r, nw=nw: gather_quant(
-            x, perm_ol, *qargs, rows_per_program=r, num_warps=nw, direct=True)))
-            for r in (1, 4, 8) for nw in (2, 4, 8)]
-    rows += _time(lambda: gather_quant(x, perm_ol, *qargs, direct=True),
-                  lambda: ops.gather_quant_reference(x, perm_ol, *qargs),
-                  lambda: ops.gather_quant_reference(*_cpu_rows(x, perm_ol), *qargs),
-                  _bytes(M, K, n_out, g, 1, K * perm_ol.element_size()), copy_gbs,
-                  "gather_quant (outliers_last, direct)", f"{M}x{K}", lambda o, r: _check(o, r, g, True), sweep)
     del x
 
     # --- SiLU(gate) * up + quantize (down_proj input), at the hidden and the intermediate size

@@ -32,17 +32,6 @@ def _int4_act(fmt, group_size, outlier_format) -> str | None:
     return None
 
 
-class DirectQuantizer:
-    """A fused quantizer called with ``direct=True``: it reads x[row, perm] straight from memory."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.__name__ = f"{fn.__name__}_direct"
-
-    def __call__(self, *args):
-        return self.fn(*args, direct=True)
-
-
 class QuantizerBinding(Binding):
     """rms_norm_quant, silu_mul_quant, gather_quant: one row-wise kernel each."""
 
@@ -51,14 +40,6 @@ class QuantizerBinding(Binding):
         why = _int4_act(fmt, group_size, outlier_format) or (None if group_size in (64, 128) else f"group {group_size}")
         if why:
             return _reference(node.target, why)
-        perm_arg = {atom.rms_norm_quant.default: 3, atom.gather_quant.default: 1}.get(node.target)
-        if perm_arg is not None:
-            perm_node = node.args[perm_arg]
-            perm = getattr(gm, perm_node.target) if perm_node is not None else None
-            if rk.perm_is_nearly_sorted(perm, _n_out):
-                return (DirectQuantizer(self.fn), f"{self.name}(direct)",
-                        "one program per token row, fp32 statistics; x[row, perm] read directly (sorted normal "
-                        "channels)")
         return self.fn, self.name, "one program per token row, fp32 statistics"
 
 

@@ -9,7 +9,6 @@ q/k/v and gate/up, share one order), recorded in meta::
     Before: %n = atom.rms_norm(%x, %w, eps, None);  %q = aten.linear(%n, %Wq)  ...
     After:  the same graph, with
             %n.meta["atom.channel_order"] = perm   # argsort(score) ascending: the n outliers are last
-                                                   # (channel_order="outliers_last": only those move)
             %n.meta["atom.n_outliers"]    = n      # after the size-adaptation rule of AtomConfig
             gm.meta["atom.outlier_order"] = {"input_layernorm": perm, "attention": ..., ...}
             gm.meta["atom.input_hessians"] = {"input_layernorm": X^T X, ...}     # GPTQ only
@@ -75,16 +74,10 @@ class OutlierAnalysis(AtomPass):
             if not want_order:
                 continue
             score = sq[name] if cfg.outlier_metric == "hessian" else absum[name] / self.ctx.calibration.num_tokens
-            n_out = cfg.resolve(K[name]).n_outliers
             perm = torch.argsort(score, stable=True)
-            if cfg.channel_order == "outliers_last" and n_out:
-                outliers = perm[-n_out:]
-                keep = torch.ones(K[name], dtype=torch.bool)
-                keep[outliers] = False
-                perm = torch.cat([torch.nonzero(keep).flatten(), outliers])
             orders[name] = perm
             node = nodes[name]
             node.meta["atom.channel_order"] = perm
             node.meta["atom.channel_scores"] = score.float()
-            node.meta["atom.n_outliers"] = n_out
+            node.meta["atom.n_outliers"] = cfg.resolve(K[name]).n_outliers
         return PassResult(gm, False)

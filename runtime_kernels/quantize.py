@@ -141,7 +141,6 @@ def _row_gather_quant_kernel(
     Y_DTYPE: tl.constexpr,  # ... and weight * normed to promote(weight, input)
     K_PAD: tl.constexpr, GROUP: tl.constexpr, N_GROUPS: tl.constexpr, G_PAD: tl.constexpr,
     N_OUT: tl.constexpr, ROWS: tl.constexpr, NATIVE: tl.constexpr, W_PER_ROW: tl.constexpr,
-    DIRECT: tl.constexpr = False,  # load x[row, perm] straight from memory (no whole-row load, no tl.gather)
 ):
     """One row (token) of x in registers: statistics, gather by perm (tl.gather), quantize, store.
 
@@ -184,71 +183,36 @@ def _row_gather_quant_kernel(
         if NORM:
             w_o = tl.load(w_ptr + ch_o).to(tl.float32)
     row0 = pid * ROWS
-    if DIRECT:
-        # For a perm whose normal part is increasing (channel_order="outliers_last") each warp's loads are
-        # nearly contiguous, so the row streams like a copy; any perm gives the same values.
-        for r in range(ROWS):
-            row = row0 + r
-            rmask = row < M
-            row64 = row.to(tl.int64)
-            xrow = x_ptr + row64 * stride_xm
-            y_lo = tl.load(xrow + tl.reshape(src_lo, [G_PAD, HALF]), mask=mask2d & rmask, other=0.0).to(tl.float32)
-            y_hi = tl.load(xrow + tl.reshape(src_hi, [G_PAD, HALF]), mask=mask2d & rmask, other=0.0).to(tl.float32)
-            if N_OUT > 0:
-                y_o = tl.load(xrow + src_o, mask=rmask, other=0.0).to(tl.float32)
+    x_next = tl.load(x_ptr + row0.to(tl.int64) * stride_xm + offs_k, mask=kmask & (row0 < M), other=0.0)
+    for r in range(ROWS):
+        row = row0 + r
+        rmask = row < M
+        row64 = row.to(tl.int64)
+        x = x_next.to(tl.float32)
+        nxt = row + 1
+        x_next = tl.load(x_ptr + nxt.to(tl.int64) * stride_xm + offs_k, mask=kmask & (nxt < M) & (r + 1 < ROWS),
+                         other=0.0)
+        if NORM:
+            var = tl.sum(x * x, axis=0) / K
+            rstd = tl.math.rsqrt(var + eps)
+            x = _round_to(x * rstd, X_DTYPE, NATIVE)
+        y_lo = tl.reshape(tl.gather(x, src_lo, 0), [G_PAD, HALF])
+        y_hi = tl.reshape(tl.gather(x, src_hi, 0), [G_PAD, HALF])
+        if NORM:
+            if W_PER_ROW:  # re-read from L1 each row: fewer registers, more programs per SM
+                y_lo = _round_to(tl.load(w_ptr + ch_lo, mask=mask2d, other=0).to(tl.float32) * y_lo, Y_DTYPE, NATIVE)
+                y_hi = _round_to(tl.load(w_ptr + ch_hi, mask=mask2d, other=0).to(tl.float32) * y_hi, Y_DTYPE, NATIVE)
+            else:
+                y_lo = _round_to(w_lo * y_lo, Y_DTYPE, NATIVE)
+                y_hi = _round_to(w_hi * y_hi, Y_DTYPE, NATIVE)
+        _int4_group_codes(y_lo, y_hi, clip, s_ptr + row64 * stride_sm + gi, q_ptr + row64 * stride_qm + qcol,
+                          mask2d & rmask, gmask & rmask, NATIVE)
+        if N_OUT > 0:
+            y_o = tl.gather(x, src_o, 0)
             if NORM:
-                ss = tl.sum(tl.sum(y_lo * y_lo + y_hi * y_hi, axis=1), axis=0)
-                if N_OUT > 0:
-                    ss += tl.sum(y_o * y_o, axis=0)
-                rstd = tl.math.rsqrt(ss / K + eps)
-                y_lo = _round_to(y_lo * rstd, X_DTYPE, NATIVE)
-                y_hi = _round_to(y_hi * rstd, X_DTYPE, NATIVE)
-                if W_PER_ROW:
-                    y_lo = _round_to(tl.load(w_ptr + ch_lo, mask=mask2d, other=0).to(tl.float32) * y_lo, Y_DTYPE,
-                                     NATIVE)
-                    y_hi = _round_to(tl.load(w_ptr + ch_hi, mask=mask2d, other=0).to(tl.float32) * y_hi, Y_DTYPE,
-                                     NATIVE)
-                else:
-                    y_lo = _round_to(w_lo * y_lo, Y_DTYPE, NATIVE)
-                    y_hi = _round_to(w_hi * y_hi, Y_DTYPE, NATIVE)
-            _int4_group_codes(y_lo, y_hi, clip, s_ptr + row64 * stride_sm + gi, q_ptr + row64 * stride_qm + qcol,
-                              mask2d & rmask, gmask & rmask, NATIVE)
-            if N_OUT > 0:
-                if NORM:
-                    y_o = _round_to(w_o * _round_to(y_o * rstd, X_DTYPE, NATIVE), Y_DTYPE, NATIVE)
-                _int8_outliers(y_o, o_ptr + row64 * stride_om + offs_o, os_ptr + row64 * stride_osm,
-                               (offs_o < N_OUT) & rmask, rmask, NATIVE)
-    else:
-        x_next = tl.load(x_ptr + row0.to(tl.int64) * stride_xm + offs_k, mask=kmask & (row0 < M), other=0.0)
-        for r in range(ROWS):
-            row = row0 + r
-            rmask = row < M
-            row64 = row.to(tl.int64)
-            x = x_next.to(tl.float32)
-            nxt = row + 1
-            x_next = tl.load(x_ptr + nxt.to(tl.int64) * stride_xm + offs_k, mask=kmask & (nxt < M) & (r + 1 < ROWS),
-                             other=0.0)
-            if NORM:
-                var = tl.sum(x * x, axis=0) / K
-                rstd = tl.math.rsqrt(var + eps)
-                x = _round_to(x * rstd, X_DTYPE, NATIVE)
-            y_lo = tl.reshape(tl.gather(x, src_lo, 0), [G_PAD, HALF])
-            y_hi = tl.reshape(tl.gather(x, src_hi, 0), [G_PAD, HALF])
-            if NORM:
-                if W_PER_ROW:  # re-read from L1 each row: fewer registers, more programs per SM
-                    y_lo = _round_to(tl.load(w_ptr + ch_lo, mask=mask2d, other=0).to(tl.float32) * y_lo, Y_DTYPE, NATIVE)
-                    y_hi = _round_to(tl.load(w_ptr + ch_hi, mask=mask2d, other=0).to(tl.float32) * y_hi, Y_DTYPE, NATIVE)
-                else:
-                    y_lo = _round_to(w_lo * y_lo, Y_DTYPE, NATIVE)
-                    y_hi = _round_to(w_hi * y_hi, Y_DTYPE, NATIVE)
-            _int4_group_codes(y_lo, y_hi, clip, s_ptr + row64 * stride_sm + gi, q_ptr + row64 * stride_qm + qcol,
-                              mask2d & rmask, gmask & rmask, NATIVE)
-            if N_OUT > 0:
-                y_o = tl.gather(x, src_o, 0)
-                if NORM:
-                    y_o = _round_to(w_o * y_o, Y_DTYPE, NATIVE)
-                _int8_outliers(y_o, o_ptr + row64 * stride_om + offs_o, os_ptr + row64 * stride_osm,
-                               (offs_o < N_OUT) & rmask, rmask, NATIVE)
+                y_o = _round_to(w_o * y_o, Y_DTYPE, NATIVE)
+            _int8_outliers(y_o, o_ptr + row64 * stride_om + offs_o, os_ptr + row64 * stride_osm,
+                           (offs_o < N_OUT) & rmask, rmask, NATIVE)
 
 
 # ============================================================================ SiLU * up, chunked
@@ -361,7 +325,7 @@ def _num_sms(device) -> int:
 
 
 def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_format, clip, norm,
-                rows_per_program=None, num_warps=None, maxnreg=None, w_per_row=False, direct=False):
+                rows_per_program=None, num_warps=None, maxnreg=None, w_per_row=False):
     lead = x.shape[:-1]
     x2 = _rows2d(x)
     M = x2.shape[0]
@@ -395,46 +359,32 @@ def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_fo
         float(eps), float(clip),
         NORM=norm, HAS_PERM=perm is not None, X_DTYPE=_TL_DTYPES[x.dtype], Y_DTYPE=_TL_DTYPES[ydt],
         K_PAD=K_PAD, GROUP=group_size, N_GROUPS=n_groups, G_PAD=G_PAD, N_OUT=n_out, ROWS=rows_per_program,
-        NATIVE=not _interpreting(), W_PER_ROW=w_per_row, DIRECT=direct, num_warps=num_warps, **_EXACT,
-        **_maxnreg(maxnreg),
+        NATIVE=not _interpreting(), W_PER_ROW=w_per_row, num_warps=num_warps, **_EXACT, **_maxnreg(maxnreg),
     )
     return _shape(lead, q, scales, outl, os_)
 
 
 def rms_norm_quant(x: Tensor, weight: Tensor, eps: float, perm: Tensor | None, fmt: str, group_size: int,
                    n_outliers: int, outlier_format: str, clip: float, *, rows_per_program: int | None = None,
-                   num_warps: int | None = None, maxnreg: int | None = None, w_per_row: bool = False,
-                   direct: bool = False):
+                   num_warps: int | None = None, maxnreg: int | None = None, w_per_row: bool = False):
     """RMSNorm (fp32 statistics, cast to x.dtype, times weight) + gather by perm + INT4/INT8 quantization.
 
     Same contract as ``ops.rms_norm_quant_reference``; returns (q, scales, outliers, outlier_scales).
-    One program holds a whole row in registers: one read of x, one write of each output. ``direct``: read
-    x[row, perm] straight from memory instead of loading the row and gathering it in registers; the same
-    results, and the fast way when the perm is nearly increasing (``perm_is_nearly_sorted``).
+    One program holds a whole row in registers: one read of x, one write of each output.
     """
     K, n_groups = _check(x, fmt, group_size, n_outliers, outlier_format)
     return _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_outliers, outlier_format, clip, True,
-                       rows_per_program, num_warps, maxnreg, w_per_row, direct)
+                       rows_per_program, num_warps, maxnreg, w_per_row)
 
 
 def gather_quant(x: Tensor, perm: Tensor, fmt: str, group_size: int, n_outliers: int, outlier_format: str,
                  clip: float, *, rows_per_program: int | None = None, num_warps: int | None = None,
-                 maxnreg: int | None = None, direct: bool = False):
+                 maxnreg: int | None = None):
     """x[..., perm] quantized per token (the o_proj input). Same contract as ``ops.gather_quant_reference``;
-    bit-exact. ``direct`` as in ``rms_norm_quant``."""
+    bit-exact."""
     K, n_groups = _check(x, fmt, group_size, n_outliers, outlier_format)
     return _row_launch(x, None, 0.0, perm, K, n_groups, group_size, n_outliers, outlier_format, clip, False,
-                       rows_per_program, num_warps, maxnreg, False, direct)
-
-
-def perm_is_nearly_sorted(perm: Tensor | None, n_outliers: int) -> bool:
-    """Whether the normal channels of ``perm`` (all but the last ``n_outliers``) are in increasing order, as
-    ``channel_order="outliers_last"`` makes them: then the direct loads of the fused quantizers are nearly
-    contiguous. Checked once, at lowering time (it reads the perm back from the device)."""
-    if perm is None:
-        return True
-    normal = perm[: perm.shape[0] - n_outliers]
-    return bool((normal[1:] > normal[:-1]).all())
+                       rows_per_program, num_warps, maxnreg)
 
 
 def silu_mul_quant(gate: Tensor, up: Tensor, fmt: str, group_size: int, n_outliers: int, outlier_format: str,
@@ -460,4 +410,4 @@ def silu_mul_quant(gate: Tensor, up: Tensor, fmt: str, group_size: int, n_outlie
     return _shape(lead, q, scales, outl, os_)
 
 
-__all__ = ["rms_norm_quant", "silu_mul_quant", "gather_quant", "perm_is_nearly_sorted"]
+__all__ = ["rms_norm_quant", "silu_mul_quant", "gather_quant"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from atom_compile import ops, quant
-from atom_compile.runtime_kernels.quantize import gather_quant, perm_is_nearly_sorted, rms_norm_quant, silu_mul_quant
+from atom_compile.runtime_kernels.quantize import gather_quant, rms_norm_quant, silu_mul_quant
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # (hidden, group_size, n_outliers): SmolLM2's 576 = 512 + 64, Llama's 4096 and 11008, a 1536 with 11 groups
@@ -84,33 +84,6 @@ def test_rms_norm_quant(device, dtype, K, g, n_out):
     out = rms_norm_quant(x, w, *args)
     ref = _ref(ops.rms_norm_quant_reference, x, w, *args)
     _assert_bounded(out, ref, dtype, g)
-
-
-def _outliers_last_perm(K, n_out, seed):
-    """What channel_order="outliers_last" produces: normal channels increasing, n_out random ones last."""
-    outl = torch.randperm(K, generator=torch.Generator().manual_seed(seed))[:n_out]
-    keep = torch.ones(K, dtype=torch.bool)
-    keep[outl] = False
-    return torch.cat([torch.nonzero(keep).flatten(), outl])
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("K,g,n_out", [SHAPES[0], SHAPES[2], SHAPES[3]])
-@pytest.mark.parametrize("order", ["outliers_last", "random"])
-def test_direct_loads(device, dtype, K, g, n_out, order):
-    """direct=True reads x[row, perm] from memory: the same bound as the gather path (rms_norm_quant, whose
-    sum of squares runs in another order) and bit-exact (gather_quant), for a nearly sorted and a random perm."""
-    x = _rows(12, K, dtype, device, seed=7 * K + n_out)
-    gen = torch.Generator().manual_seed(K + 11)
-    w = (torch.rand(K, generator=gen) + 0.5).to(dtype).to(device)
-    perm = _outliers_last_perm(K, n_out, K) if order == "outliers_last" else torch.randperm(K, generator=gen)
-    assert perm_is_nearly_sorted(perm, n_out) == (order == "outliers_last")
-    perm = perm.to(device)
-    args = (1e-5, perm, "int4", g, n_out, "int8", 0.9)
-    _assert_bounded(rms_norm_quant(x, w, *args, direct=True), _ref(ops.rms_norm_quant_reference, x, w, *args),
-                    dtype, g)
-    gargs = (perm, "int4", g, n_out, "int8", 0.9)
-    _assert_exact(gather_quant(x, *gargs, direct=True), _ref(ops.gather_quant_reference, x, *gargs))
 
 
 def test_rms_norm_quant_variants(device):

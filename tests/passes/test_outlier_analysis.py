@@ -88,22 +88,3 @@ def test_needs_calibration_data(layer_graph, make_ctx):
 
     with pytest.raises(ValueError, match="calibration data"):
         OutlierAnalysis(make_ctx("atom-w4a4-rtn", calibration=False)).call(layer_graph)
-
-
-def test_outliers_last_order_moves_only_the_outliers(layer_graph, make_ctx):
-    """channel_order="outliers_last": the same outlier channels as the sorted order, the rest in their
-    original order (what lets the fused norm kernels read rows almost contiguously)."""
-    import atom_compile
-
-    sorted_gm = OutlierAnalysis(make_ctx("atom-w4a4-rtn")).call(layer_graph).graph_module
-    sorted_orders = {k: v.clone() for k, v in sorted_gm.meta["atom.outlier_order"].items()}
-    cfg = atom_compile.get_config("atom-w4a4-rtn", channel_order="outliers_last")
-    gm = OutlierAnalysis(make_ctx(cfg)).call(layer_graph).graph_module
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for name in INPUTS:
-        perm, ref = gm.meta["atom.outlier_order"][name], sorted_orders[name]
-        n = nodes[name].meta["atom.n_outliers"]
-        assert torch.equal(perm[-n:], ref[-n:]), f"{name}: other outliers"
-        normal = perm[:-n]
-        assert torch.all(normal[1:] > normal[:-1]), f"{name}: normal channels not in their original order"
-        assert torch.equal(perm.sort().values, torch.arange(perm.numel()))

@@ -63,12 +63,3 @@ def test_no_outliers_no_change(layer_graph, make_ctx):
     code = gm.code
     result = ReorderChannels(ctx).call(gm)
     assert not result.modified and result.graph_module.code == code
-
-
-def test_reorder_with_outliers_last_preserves_the_layer(layer_graph, make_ctx, real_layer):
-    import atom_compile
-
-    ctx = make_ctx(atom_compile.get_config("atom-w4a4-rtn", channel_order="outliers_last"))
-    gm = run_prefix(layer_graph, ctx, ReorderChannels)
-    _, _, modified = check_pass(ReorderChannels, gm, ctx, real_layer["inputs"])
-    assert modified
