@@ -88,11 +88,20 @@ class KVAttentionBinding(Binding):
         return self.fn, self.name, "split-KV flash decoding for <= 64 query rows, flash-attention tiles above"
 
 
+class HadamardBinding(Binding):
+    def bind(self, gm, node):
+        D = node.args[1]
+        if D < 16 or D & (D - 1):
+            return _reference(node.target, f"head_dim {D}")
+        return self.fn, self.name, "one program per 64 (token, head) rows; +-1 matrix on tensor cores, fp32 sum"
+
+
 BINDINGS = {op: Binding(fn, f"reference:{fn.__name__}", "plain PyTorch") for op, fn in REFERENCE_IMPLS.items()}
 BINDINGS.update({
     atom.rms_norm_quant.default: QuantizerBinding(rk.rms_norm_quant, "triton:rms_norm_quant"),
     atom.silu_mul_quant.default: QuantizerBinding(rk.silu_mul_quant, "triton:silu_mul_quant"),
     atom.gather_quant.default: QuantizerBinding(rk.gather_quant, "triton:gather_quant"),
+    atom.hadamard_heads.default: HadamardBinding(rk.hadamard_heads, "triton:hadamard_heads"),
     atom.quant_linear.default: GemmBinding(None, "triton:w4a4_gemm"),
     atom.kv_cache_store_quant.default: KVStoreBinding(rk.kv_cache_store_quant, "triton:kv_cache_store_quant"),
     atom.attention_quant_kv.default: KVAttentionBinding(rk.attention_quant_kv, "triton:attention_quant_kv"),
