@@ -98,7 +98,7 @@ def _models(args, names: list[str]):
     from atom_compile.checkpoint import is_checkpoint, load
 
     if is_checkpoint(args.model):
-        qmodel = load(args.model, device=args.device)
+        qmodel = load(args.model, device=args.device, backend=getattr(args, "backend", None))
         return [(f"checkpoint:{qmodel.atom_config.name}", lambda: qmodel)], qmodel.tokenizer
     configs = _configs(names, args)
     model, tok = _load(args)
