@@ -96,12 +96,22 @@ class HadamardBinding(Binding):
         return self.fn, self.name, "one program per 64 (token, head) rows; +-1 matrix on tensor cores, fp32 sum"
 
 
+def rope_or_reference(x, cos, sin):
+    """The RoPE kernel, or the reference op for the dtype / layout combinations the kernel does not take."""
+    try:
+        return rk.rope(x, cos, sin)
+    except NotImplementedError:
+        return REFERENCE_IMPLS[atom.rope.default](x, cos, sin)
+
+
 BINDINGS = {op: Binding(fn, f"reference:{fn.__name__}", "plain PyTorch") for op, fn in REFERENCE_IMPLS.items()}
 BINDINGS.update({
     atom.rms_norm_quant.default: QuantizerBinding(rk.rms_norm_quant, "triton:rms_norm_quant"),
     atom.silu_mul_quant.default: QuantizerBinding(rk.silu_mul_quant, "triton:silu_mul_quant"),
     atom.gather_quant.default: QuantizerBinding(rk.gather_quant, "triton:gather_quant"),
     atom.hadamard_heads.default: HadamardBinding(rk.hadamard_heads, "triton:hadamard_heads"),
+    atom.rope.default: Binding(rope_or_reference, "triton:rope", "one program per token row; bit-exact "
+                               "(reference op for other dtypes or a non-contiguous last dim)"),
     atom.quant_linear.default: GemmBinding(None, "triton:w4a4_gemm"),
     atom.kv_cache_store_quant.default: KVStoreBinding(rk.kv_cache_store_quant, "triton:kv_cache_store_quant"),
     atom.attention_quant_kv.default: KVAttentionBinding(rk.attention_quant_kv, "triton:attention_quant_kv"),

@@ -41,6 +41,7 @@ def test_triton_backend_matches_reference(tiny, device, kv_rotation):
     assert table["q_proj"] == "triton:w4a4_gemm" and table["attention"] == "triton:attention_quant_kv"
     assert table["input_layernorm_quant"] == "triton:rms_norm_quant" and table["kv_lens"] == "triton:kv_cache_store_quant"
     assert ("triton:hadamard_heads" in table.values()) == kv_rotation
+    assert table["q_rope"] == "triton:rope"
     ids = torch.randint(0, 64, (2, 12), device=device)
     a, b = ref(ids), tri(ids)
     assert ((a - b).norm() / a.norm()).item() < TOL
