@@ -56,7 +56,7 @@ def test_outlier_orders_agree_with_an_independent_implementation(smollm2, calib_
         assert torch.equal(perm, theirs[0][key]), key
 
 
-def test_atom_agrees_with_an_independent_implementation_and_stays_close_to_fp(smollm2, eval_windows, fp_ppl,
+def test_atom_agrees_with_an_independent_implementation_and_stays_close_to_fp(smollm2, eval_windows, eval_ids,
                                                                              atom_rtn):
     """Given the same outlier orders, an independent fake-quant simulation on the HF model (hooks, its own
     quantizer code and Hadamard matrix, K after RoPE) computes the same function.
@@ -67,8 +67,9 @@ def test_atom_agrees_with_an_independent_implementation_and_stays_close_to_fp(sm
     K code of an early token reaches every later token of that layer. Measured over the 30 layers on 256
     tokens: relative error median 8.6e-5, worst 1.6e-3, layers without a flip 5e-8; the same simulation
     with the KV cache unrotated (a different algorithm) misses by a median of 2.2e-2. End to end, flips
-    compound over 30 layers, so the perplexities of the two agree to
-    the noise floor measured on these 1,024 tokens (0.3% to 1.7% across configs), bounded here at 3%.
+    compound over 30 layers, so the perplexities agree only to a noise floor that shrinks with the number
+    of tokens: measured 0.3% to 4.0% on 1,024 tokens (across configs, compiles and texts; 4.0% with the
+    bundled text), 3.5% on 2,048 and 1.3% on 4,096 for that same case. Bounded at 3% on 4,096 tokens.
     """
     orders = {i: {k: gm.meta["atom.outlier_order"][g] for g, k in GRAPH_INPUTS.items()}
               for i, gm in enumerate(atom_rtn.layers)}
@@ -80,10 +81,12 @@ def test_atom_agrees_with_an_independent_implementation_and_stays_close_to_fp(sm
     # the check tells algorithms apart: the same simulation with the paper's unrotated KV cache fails it
     other, _ = simulate_atom(copy.deepcopy(smollm2[0]), None, cfg.replace(kv_rotation=False), orders=orders)
     assert _layer_errors(atom_rtn, other, eval_windows[:1]).median() > 1e-2  # measured: 2.2e-2
-    ours = perplexity(atom_rtn, eval_windows, progress=False)["ppl"]
-    theirs = perplexity(lambda x: sim(x).logits, eval_windows, progress=False)["ppl"]
+    long_windows = windows(eval_ids, 256, 16)  # 4,096 tokens: flips average out
+    ours = perplexity(atom_rtn, long_windows, progress=False)["ppl"]
+    theirs = perplexity(lambda x: sim(x).logits, long_windows, progress=False)["ppl"]
     assert abs(ours / theirs - 1) < 3e-2, (ours, theirs)
-    assert ours < 1.5 * fp_ppl, (ours, fp_ppl)
+    fp_long = perplexity(lambda x: smollm2[0](x).logits, long_windows, progress=False)["ppl"]
+    assert ours < 1.5 * fp_long, (ours, fp_long)
 
 
 def _layer_errors(qmodel, sim, x):
