@@ -47,7 +47,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["reference", "triton", "dequant"], default=None,
                    help="kernels the lowering binds (default: triton on CUDA, the reference ops elsewhere; "
                         "dequant: the reference quantizers with float GEMMs over dequantized operands, "
-                        "3-4x faster on a CPU, within 1e-6 of reference)")
+                        "2-3x faster on a CPU, within 1e-6 of reference)")
 
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:

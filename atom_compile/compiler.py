@@ -77,7 +77,7 @@ def compile(
         for inst in instruments:
             inst.after_lowering(gm, time.perf_counter() - start, ctx)
         if calibration is not None and index + 1 < len(decoder.layers):
-            if backend == "reference":  # same quantized layer, float GEMMs: 3-4x faster (lowering/dequant.py)
+            if backend == "reference":  # same quantized layer, float GEMMs: 2-3x faster (lowering/dequant.py)
                 calibration.advance(relower(gm, "dequant"), index)
                 gm = relower(gm, backend)
             else:

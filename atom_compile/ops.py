@@ -13,9 +13,8 @@ outlier_scales).
 
 from __future__ import annotations
 
-import math
-
 import functools
+import math
 
 import torch
 from torch import Tensor

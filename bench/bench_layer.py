@@ -82,7 +82,8 @@ def compile_atom_layer(layer, cfg, config_name: str, overrides: dict | None = No
     gm = capture_layer(layer, arch, 0)
     calib_h = torch.randn(4, 128, cfg.hidden_size, device=DEV, dtype=DT)
     cos, sin = rotary(torch.arange(128, device=DEV)[None], arch.head_dim)
-    ctx = PassContext(get_config(config_name, **(overrides or {})), arch, LayerCalibration(calib_h, cos, sin, arch.num_kv_heads, 4))
+    ctx = PassContext(get_config(config_name, **(overrides or {})), arch,
+                      LayerCalibration(calib_h, cos, sin, arch.num_kv_heads, 4))
     gm = run_pipeline(gm, ctx)
     ref = lower(copy.deepcopy(gm), "reference")
     return lower(gm, "triton"), ref, arch
@@ -168,6 +169,6 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--config", default="atom-w4a4-rtn")
     ap.add_argument("--set", action="append", metavar="KNOB=VALUE", default=[],
-                    help="override an AtomConfig knob, e.g. --set channel_order=outliers_last")
+                    help="override an AtomConfig knob, e.g. --set kv_rotation=false")
     a = ap.parse_args()
     run(a.quick, a.out, a.config, _parse_overrides(a.set))

@@ -11,13 +11,14 @@ relative error below 2^-20 before the cast, so at most one unit in the last plac
 output differs, and rarely (measured in the tests).
 
 Rows are (token, head) pairs: x [..., heads * D] is viewed as [R, D]; one program rotates BLOCK_R rows.
-The reference's fp32 SIMT GEMM with a cast on each side was 118 us per call at a 4096-token Llama-7B
-prefill (bench/results/layer_h100.json); this reads and writes each element once.
+The reference's fp32 SIMT GEMM with a cast on each side was 119 us per call at a 4096-token Llama-7B
+prefill (bench/results/layer_h100_rotation_torch_hadamard.json); this kernel, 25 us
+(bench/results/layer_h100.json), reads and writes each element once.
 """
 
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 import triton
@@ -26,9 +27,12 @@ from torch import Tensor
 
 from atom_compile.ops import hadamard_matrix
 
+from .quantize import _TL_DTYPES, _interpreting, _round_to
+
 
 @triton.jit
-def _hadamard_kernel(x_ptr, h_ptr, y_ptr, R, scale, D: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+def _hadamard_kernel(x_ptr, h_ptr, y_ptr, R, scale, D: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+                     OUT: tl.constexpr, NATIVE: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, D)
@@ -40,21 +44,14 @@ def _hadamard_kernel(x_ptr, h_ptr, y_ptr, R, scale, D: tl.constexpr, BLOCK_R: tl
         acc = tl.dot(x.to(tl.float32), h.to(tl.float32), input_precision="ieee")
     else:
         acc = tl.dot(x, h)
-    y = acc * scale
-    if y_ptr.dtype.element_ty == tl.bfloat16 and IEEE:  # the interpreter's fp32 -> bf16 cast truncates: round here
-        u = y.to(tl.uint32, bitcast=True)
-        y = ((u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    y = _round_to(acc * scale, OUT, NATIVE)  # (the interpreter's own fp32 -> bf16 cast truncates)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-_PLUS_MINUS: dict = {}
-
-
+@functools.lru_cache(maxsize=32)
 def _plus_minus_one(D: int, dtype: torch.dtype, device) -> Tensor:
-    key = (D, dtype, str(device))
-    if key not in _PLUS_MINUS:
-        _PLUS_MINUS[key] = (hadamard_matrix(D, torch.float64, device) * D**0.5).round().to(dtype).contiguous()
-    return _PLUS_MINUS[key]
+    """The +-1 Hadamard matrix of order D, built once per (D, dtype, device): none is built inside a CUDA graph."""
+    return (hadamard_matrix(D, torch.float64, device) * D**0.5).round().to(dtype).contiguous()
 
 
 def hadamard_heads(x: Tensor, head_dim: int, *, block_rows: int = 64, num_warps: int = 4) -> Tensor:
@@ -70,8 +67,7 @@ def hadamard_heads(x: Tensor, head_dim: int, *, block_rows: int = 64, num_warps:
     if R:
         h = _plus_minus_one(D, x.dtype, x.device)
         _hadamard_kernel[(triton.cdiv(R, block_rows),)](
-            x2, h, y, R, float(1.0 / D**0.5), D=D, BLOCK_R=block_rows,
-            IEEE=x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1",
-            num_warps=num_warps,
+            x2, h, y, R, float(1.0 / D**0.5), D=D, BLOCK_R=block_rows, IEEE=x.dtype == torch.float32 or _interpreting(),
+            OUT=_TL_DTYPES[x.dtype], NATIVE=not _interpreting(), num_warps=num_warps,
         )
     return y.view(x.shape)

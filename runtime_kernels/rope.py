@@ -5,7 +5,8 @@ e.g. expanded over the batch), result in promote(x.dtype, cos.dtype). Bit-exact:
 are rounded to the result dtype, as torch's elementwise ops round x * cos, rotate_half(x) * sin and their
 sum. One program per token row: the row's heads share its cos / sin, read once; x is read and the result
 written once. The reference's five torch ops (two products, a negation, a concatenation, a sum) each make
-a pass over the tensor: 450 us per Llama-7B prefill layer of 4,096 tokens (bench/results/layer_h100.json).
+a pass over the tensor: ~450 us per Llama-7B prefill layer of 4,096 tokens
+(bench/results/layer_h100_torch_rope.json); this kernel, 48 us (bench/results/layer_h100.json).
 """
 
 from __future__ import annotations
