@@ -81,4 +81,5 @@ def relower(gm: fx.GraphModule, backend: str) -> fx.GraphModule:
     for node in gm.graph.nodes:
         if "atom.op" in node.meta:
             node.target = node.meta["atom.op"]
+            node.meta.pop("atom.x16", None)
     return lower(gm, backend)

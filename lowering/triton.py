@@ -8,6 +8,8 @@ activations and weights with INT8 outliers, power-of-two groups >= 32, one weigh
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -32,6 +34,40 @@ def _int4_act(fmt, group_size, outlier_format) -> str | None:
     return None
 
 
+# The quantizers write the GEMM's MMA operand (int8 holding 16 * code, channel order) instead of packed nibbles
+# when every reader of their codes is a W4A4 GEMM kernel: the GEMM then loads it by TMA with no unpacking.
+X16_ACTIVATIONS = True
+
+
+def _gemm_why_not(node: fx.Node) -> str | None:
+    """Why a quant_linear node does not bind to the W4A4 GEMM kernel (None: it does)."""
+    _xq, _xs, _xo, _xos, _wq, _ws, _wo, _wos, _bias, a_fmt, w_fmt, group_size, o_fmt, rows_per_scale, _ = node.args
+    why = _int4_act(a_fmt, group_size, o_fmt) or (None if w_fmt == "int4" else f"weight format {w_fmt}")
+    if why is None and rows_per_scale != 1:
+        why = f"weight_channel_group {rows_per_scale}"
+    return why
+
+
+def _codes_only_read_by_gemm_kernels(node: fx.Node) -> bool:
+    """Every user of the quantizer's codes (output 0) is the activation input of a GEMM bound to the kernel."""
+    readers = [u for g in node.users if g.target is operator.getitem and g.args[1] == 0 for u in g.users]
+    others = [g for g in node.users if g.target is not operator.getitem]
+    return bool(readers) and not others and all(
+        u.target is atom.quant_linear.default and u.args[0].args[0] is node and _gemm_why_not(u) is None
+        and all(a is not u.args[0] for a in u.args[1:]) for u in readers)
+
+
+class _X16Quantizer:
+    """A quantizer kernel called with x16=True (a named callable: FX code generation needs a __name__)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.__name__ = f"{fn.__name__}_x16"
+
+    def __call__(self, *args):
+        return self.fn(*args, x16=True)
+
+
 class QuantizerBinding(Binding):
     """rms_norm_quant, silu_mul_quant, gather_quant: one row-wise kernel each."""
 
@@ -40,36 +76,41 @@ class QuantizerBinding(Binding):
         why = _int4_act(fmt, group_size, outlier_format) or (None if group_size in (64, 128) else f"group {group_size}")
         if why:
             return _reference(node.target, why)
+        if X16_ACTIVATIONS and _codes_only_read_by_gemm_kernels(node):
+            node.meta["atom.x16"] = True
+            return (_X16Quantizer(self.fn), self.name,
+                    "one program per token row, fp32 statistics; codes written as int8 16 * code for the GEMM")
         return self.fn, self.name, "one program per token row, fp32 statistics"
 
 
 class W4A4Linear:
     """The bound GEMM of one linear: its weight in the kernel's layout, prepared at lowering time."""
 
-    def __init__(self, name: str, prepared, out_dtype: torch.dtype):
+    def __init__(self, name: str, prepared, out_dtype: torch.dtype, x_unpacked: bool = False):
         self.__name__ = f"w4a4_gemm_{name}"
         self.prepared = prepared
         self.out_dtype = out_dtype
+        self.x_unpacked = x_unpacked
 
     def __call__(self, xq, xs, xo, xos, wq, ws, wo, wos, bias, *formats):
         lead = xq.shape[:-1]
         y = rk.w4a4_gemm(xq.reshape(-1, xq.shape[-1]), xs.reshape(-1, xs.shape[-1]), xo.reshape(-1, xo.shape[-1]),
-                         xos.reshape(-1, 1), self.prepared, bias, self.out_dtype)
+                         xos.reshape(-1, 1), self.prepared, bias, self.out_dtype, x_unpacked=self.x_unpacked)
         return y.reshape(*lead, y.shape[-1])
 
 
 class GemmBinding(Binding):
     def bind(self, gm, node):
         xq, xs, xo, xos, wq, ws, wo, wos, bias, a_fmt, w_fmt, group_size, o_fmt, rows_per_scale, dtype = node.args
-        why = _int4_act(a_fmt, group_size, o_fmt) or (None if w_fmt == "int4" else f"weight format {w_fmt}")
-        if why is None and rows_per_scale != 1:
-            why = f"weight_channel_group {rows_per_scale}"
+        why = _gemm_why_not(node)
         if why:
             return _reference(node.target, why)
         tensors = [getattr(gm, n.target) for n in (wq, ws, wo, wos)]
         prepared = rk.prepare_weight(*tensors, group_size)
-        return (W4A4Linear(node.name, prepared, dtype), "triton:w4a4_gemm",
-                "int8 wgmma over unpacked nibbles, TMA, split-K for small M; tiles tuned per M bucket")
+        x16 = isinstance(xq, fx.Node) and xq.target is operator.getitem and xq.args[0].meta.get("atom.x16", False)
+        return (W4A4Linear(node.name, prepared, dtype, x_unpacked=x16), "triton:w4a4_gemm",
+                "int8 wgmma over unpacked nibbles, TMA, split-K for small M; tiles tuned per M bucket"
+                + ("; activations arrive as int8 16 * code" if x16 else ""))
 
 
 class KVStoreBinding(Binding):

@@ -364,6 +364,177 @@ def _attn_fwd_kernel(
         tl.store(o_ptr + o_off[:, None] + HALF + dd[None, :], out_hi.to(o_ptr.dtype.element_ty), mask=qmask)
 
 
+_F32_NIBBLE_ASM = """
+{{
+.reg .b32 t, m;
+mov.b32 m, 0x4B000000;
+{shift}and.b32 t, t, 0x0F0F0F0F;
+prmt.b32 $0, t, m, 0x7440;
+prmt.b32 $1, t, m, 0x7441;
+prmt.b32 $2, t, m, 0x7442;
+prmt.b32 $3, t, m, 0x7443;
+sub.f32 $0, $0, 0f4B000000;
+sub.f32 $1, $1, 0f4B000000;
+sub.f32 $2, $2, 0f4B000000;
+sub.f32 $3, $3, 0f4B000000;
+}}
+"""
+_ASM_F32_LO = tl.constexpr(_F32_NIBBLE_ASM.format(shift="mov.b32 t, $4;\n"))
+_ASM_F32_HI = tl.constexpr(_F32_NIBBLE_ASM.format(shift="shr.u32 t, $4, 4;\n"))
+
+
+@triton.jit
+def _nibbles_f32(c, HI: tl.constexpr, FAST_UNPACK: tl.constexpr):
+    """uint8 codes -> their low (or high) nibbles as fp32 values 0..15.
+
+    On the GPU, four bytes at a time: mask the nibbles (and.b32), place each byte under the exponent bits
+    of 2^23 (prmt: the fp32 bits 0x4B0000cc are 2^23 + c exactly) and subtract 2^23: two instructions per
+    element instead of a quarter-rate int-to-float conversion.
+    """
+    if FAST_UNPACK:
+        if HI:
+            return tl.inline_asm_elementwise(_ASM_F32_HI, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True,
+                                             pack=4)
+        else:
+            return tl.inline_asm_elementwise(_ASM_F32_LO, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True,
+                                             pack=4)
+    else:
+        if HI:
+            return (c >> 4).to(tl.float32)
+        else:
+            return (c & 15).to(tl.float32)
+
+
+@triton.jit
+def _decode_row_load(start, n_end, kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
+                     HALF: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The codes and (scale, zero) pairs of keys [start, start + BLOCK_N), zeros past n_end."""
+    dd = tl.arange(0, HALF)
+    n = start + tl.arange(0, BLOCK_N)
+    n_ok = n < n_end
+    slot = n  # paging: block_table[b, slot // PAGE] * page_stride + slot % PAGE
+    kt = tl.load(kc_base + slot[:, None] * stride_kcs + dd[None, :], mask=n_ok[:, None], other=0)  # [BLOCK_N, HALF]
+    vt = tl.load(vc_base + slot[:, None] * stride_vcs + dd[None, :], mask=n_ok[:, None], other=0)
+    kp = tl.load(kp_base + slot * stride_kps, mask=n_ok, other=0)
+    vp = tl.load(vp_base + slot * stride_vps, mask=n_ok, other=0)
+    return kt, vt, kp, vp
+
+
+@triton.jit
+def _decode_row_block(start, n_end, kt, vt, kp, vp, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
+                      BLOCK_N: tl.constexpr, FAST_UNPACK: tl.constexpr):
+    """One tile of BLOCK_N keys for a single query row, on CUDA cores in fp32 (see _attn_decode_row_kernel).
+
+    acc_lo / acc_hi are [BLOCK_N, HALF] per-key partial sums of the values, reduced over the keys once at the
+    end (a reduction per tile would cross warps every tile). They are rescaled only when the running max
+    grows (a uniform branch: one row per program), which is exact, since alpha is 1 otherwise."""
+    n_ok = start + tl.arange(0, BLOCK_N) < n_end
+    k_scale, k_zero = _unpack_params(kp)
+    v_scale, v_zero = _unpack_params(vp)  # 0 when masked
+    r = tl.sum(_nibbles_f32(kt, False, FAST_UNPACK) * q_lo[None, :] + _nibbles_f32(kt, True, FAST_UNPACK) * q_hi[None, :],
+               axis=1)
+    s = (r - qsum * k_zero) * (k_scale * qk_scale)
+    s = tl.where(n_ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    if m_new > m_i:
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        z_i = z_i * alpha
+        acc_lo = acc_lo * alpha
+        acc_hi = acc_hi * alpha
+        m_i = m_new
+    p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i))
+    l_i = l_i + tl.sum(p, axis=0)
+    ps = p * v_scale
+    acc_lo = acc_lo + ps[:, None] * _nibbles_f32(vt, False, FAST_UNPACK)
+    acc_hi = acc_hi + ps[:, None] * _nibbles_f32(vt, True, FAST_UNPACK)
+    z_i = z_i + tl.sum(ps * v_zero, axis=0)
+    return m_i, l_i, z_i, acc_lo, acc_hi
+
+
+@triton.jit
+def _attn_decode_row_kernel(
+    q_ptr, kc_ptr, kp_ptr, vc_ptr, vp_ptr, lens_ptr, o_ptr, po_ptr, pml_ptr,
+    B, H_KV, chunk, n_splits, qk_scale,
+    stride_qb, stride_ob,
+    stride_kcb, stride_kch, stride_kcs, stride_kpb, stride_kph, stride_kps,
+    stride_vcb, stride_vch, stride_vcs, stride_vpb, stride_vph, stride_vps,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, OUT_BF16: tl.constexpr,
+    INTERP_LOOP: tl.constexpr, MAX_TILES: tl.constexpr, FAST_UNPACK: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """Decode with one query row per KV head (T = 1, MHA): CUDA cores instead of tensor cores.
+
+    The MMA path pads a KV head's query rows to 16, so with one row it does 16x the softmax work. Here one
+    program holds one query row of one (sequence, head) and one KV range; a key tile is [BLOCK_N, D/2] code
+    bytes; scores are fp32 products of the unpacked nibbles with the query, reduced over D; the weighted
+    values are accumulated per key slot and reduced over the keys after the loop. Grid: (B * H_kv, splits). Same maths and partial layout as _attn_fwd_kernel.
+    """
+    HALF: tl.constexpr = D // 2
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // H_KV
+    h = pid_bh % H_KV
+    kv_len = tl.load(lens_ptr + b).to(tl.int32)
+    dd = tl.arange(0, HALF)
+    q_off = b.to(tl.int64) * stride_qb + h * D
+    q_lo = tl.load(q_ptr + q_off + dd).to(tl.float32)
+    q_hi = tl.load(q_ptr + q_off + HALF + dd).to(tl.float32)
+    qsum = tl.sum(q_lo, axis=0) + tl.sum(q_hi, axis=0)
+    n_lo = pid_s * chunk
+    n_end = tl.minimum(n_lo + chunk, kv_len)
+    if pid_s == n_splits - 1:  # the last split runs to the end: max_seqlen is only a hint
+        n_end = kv_len
+    kc_base = kc_ptr + b.to(tl.int64) * stride_kcb + h.to(tl.int64) * stride_kch
+    vc_base = vc_ptr + b.to(tl.int64) * stride_vcb + h.to(tl.int64) * stride_vch
+    kp_base = kp_ptr + b.to(tl.int64) * stride_kpb + h.to(tl.int64) * stride_kph
+    vp_base = vp_ptr + b.to(tl.int64) * stride_vpb + h.to(tl.int64) * stride_vph
+    m_i = tl.full([], float("-inf"), tl.float32)
+    l_i = tl.zeros([], tl.float32)
+    z_i = tl.zeros([], tl.float32)
+    acc_lo = tl.zeros([BLOCK_N, HALF], tl.float32)
+    acc_hi = tl.zeros([BLOCK_N, HALF], tl.float32)
+    if INTERP_LOOP:  # (see _attn_fwd_kernel: the interpreter visits a host-given number of tiles)
+        for it in range(0, MAX_TILES):
+            start = n_lo + it * BLOCK_N
+            kt, vt, kp, vp = _decode_row_load(start, n_end, kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps,
+                                              stride_vcs, stride_vps, HALF, BLOCK_N)
+            m_i, l_i, z_i, acc_lo, acc_hi = _decode_row_block(start, n_end, kt, vt, kp, vp, q_lo, q_hi, qsum, qk_scale,
+                                                              m_i, l_i, z_i, acc_lo, acc_hi, BLOCK_N, FAST_UNPACK)
+    elif PREFETCH:  # registers hold the next tile's loads while this one is computed
+        kt, vt, kp, vp = _decode_row_load(n_lo, n_end, kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps,
+                                          stride_vcs, stride_vps, HALF, BLOCK_N)
+        for start in range(n_lo, n_end, BLOCK_N):
+            kt2, vt2, kp2, vp2 = _decode_row_load(start + BLOCK_N, n_end, kc_base, kp_base, vc_base, vp_base,
+                                                  stride_kcs, stride_kps, stride_vcs, stride_vps, HALF, BLOCK_N)
+            m_i, l_i, z_i, acc_lo, acc_hi = _decode_row_block(start, n_end, kt, vt, kp, vp, q_lo, q_hi, qsum, qk_scale,
+                                                              m_i, l_i, z_i, acc_lo, acc_hi, BLOCK_N, FAST_UNPACK)
+            kt, vt, kp, vp = kt2, vt2, kp2, vp2
+    else:
+        for start in range(n_lo, n_end, BLOCK_N):
+            kt, vt, kp, vp = _decode_row_load(start, n_end, kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps,
+                                              stride_vcs, stride_vps, HALF, BLOCK_N)
+            m_i, l_i, z_i, acc_lo, acc_hi = _decode_row_block(start, n_end, kt, vt, kp, vp, q_lo, q_hi, qsum, qk_scale,
+                                                              m_i, l_i, z_i, acc_lo, acc_hi, BLOCK_N, FAST_UNPACK)
+    acc_lo = tl.sum(acc_lo, axis=0) - z_i
+    acc_hi = tl.sum(acc_hi, axis=0) - z_i
+    if SPLIT:  # partials [splits, B, 1, Hq, D] and [splits, B, 1, Hq, 2], as _attn_fwd_kernel writes them
+        prow = (pid_s * B + b).to(tl.int64) * H_KV + h
+        tl.store(po_ptr + prow * D + dd, acc_lo)
+        tl.store(po_ptr + prow * D + HALF + dd, acc_hi)
+        tl.store(pml_ptr + prow * 2, m_i)
+        tl.store(pml_ptr + prow * 2 + 1, l_i)
+    else:
+        inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+        out_lo = acc_lo * inv_l
+        out_hi = acc_hi * inv_l
+        if OUT_BF16:
+            out_lo = _round_bf16(out_lo)
+            out_hi = _round_bf16(out_hi)
+        o_off = b.to(tl.int64) * stride_ob + h * D
+        tl.store(o_ptr + o_off + dd, out_lo.to(o_ptr.dtype.element_ty))
+        tl.store(o_ptr + o_off + HALF + dd, out_hi.to(o_ptr.dtype.element_ty))
+
+
 @triton.jit
 def _combine_kernel(po_ptr, pml_ptr, o_ptr, n_rows, T, HQ, n_splits, stride_ob, stride_ot,
                     D: tl.constexpr, SPLITS_PAD: tl.constexpr, ROWS: tl.constexpr, OUT_BF16: tl.constexpr):
@@ -404,8 +575,12 @@ def _decode_splits(base_programs: int, max_seqlen: int, block_n: int, n_sm: int)
 
 def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, num_splits: int | None = None,
                      block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None) -> dict:
-    """The launch configuration ``attention_quant_kv`` uses (also what the kernel table prints)."""
+                     num_stages: int | None = None, row_kernel: bool | None = None, prefetch: bool | None = None
+                     ) -> dict:
+    """The launch configuration ``attention_quant_kv`` uses (also what the kernel table prints).
+
+    ``row_kernel``: one query row per KV head (T = 1 with MHA) runs on CUDA cores (_attn_decode_row_kernel)
+    unless this is False; True where there is more than one row raises."""
     B, T, HD = q.shape
     _, Hkv, S, Dh = k_cache.shape
     D = 2 * Dh
@@ -413,6 +588,18 @@ def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, 
     bound = S if max_seqlen is None else max(1, min(int(max_seqlen), S))
     rows = T * G
     fp32 = q.dtype == torch.float32
+    if row_kernel and rows != 1:
+        raise ValueError(f"row_kernel needs one query row per KV head, got T * G = {rows}")
+    if row_kernel is None:
+        row_kernel = rows == 1
+    if row_kernel:
+        block_n = block_n or 64
+        if num_splits is None:
+            num_splits = _decode_splits(B * Hkv, bound, block_n, _num_sms(q.device))
+        chunk = triton.cdiv(triton.cdiv(bound, num_splits), block_n) * block_n
+        return dict(row_kernel=True, block_m=1, block_n=block_n, m_tiles=1, num_splits=triton.cdiv(bound, chunk),
+                    chunk=chunk, num_warps=num_warps or 4, num_stages=num_stages or 1,
+                    prefetch=True if prefetch is None else prefetch, maxnreg=None)
     if block_m is None:  # H200 sweep (bench_attention --sweep): prefill best at 64 x 128 with 4 warps
         block_m = max(16, triton.next_power_of_2(rows)) if rows <= 64 else 64
     if block_n is None:
@@ -428,14 +615,15 @@ def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, 
         num_stages = 2 if block_m >= 128 else 3
     # decode: capping registers at 168 fits 3 programs per SM instead of 2 (H200: 316 vs 340 us, MHA B=64 ctx 2048)
     maxnreg = 168 if (rows <= 64 and not fp32) else None
-    return dict(block_m=block_m, block_n=block_n, m_tiles=m_tiles, num_splits=num_splits, chunk=chunk,
-                num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
+    return dict(row_kernel=False, prefetch=False, block_m=block_m, block_n=block_n, m_tiles=m_tiles, num_splits=num_splits,
+                chunk=chunk, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
 
 
 def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Tensor, v_params: Tensor,
                        kv_lens: Tensor, bits: int = 4, *, max_seqlen: int | None = None, num_splits: int | None = None,
                        block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                       num_stages: int | None = None, maxnreg: int | None = None, out: Tensor | None = None) -> Tensor:
+                       num_stages: int | None = None, maxnreg: int | None = None, row_kernel: bool | None = None,
+                       prefetch: bool | None = None, out: Tensor | None = None) -> Tensor:
     """Causal GQA attention of q [B, T, Hq * D] over the 4-bit cache; query t of sequence b sits at position
     kv_lens[b] - T + t. Same contract as ``ops.attention_quant_kv_reference`` (a row that sees no key gives 0
     where the reference gives NaN).
@@ -468,7 +656,8 @@ def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Te
     o = torch.empty_like(q) if out is None else out
     if B == 0 or T == 0:
         return o
-    cfg = attention_config(q, k_cache, max_seqlen, num_splits, block_m, block_n, num_warps, num_stages)
+    cfg = attention_config(q, k_cache, max_seqlen, num_splits, block_m, block_n, num_warps, num_stages, row_kernel,
+                           prefetch)
     maxnreg = cfg["maxnreg"] if maxnreg is None else (maxnreg or None)  # maxnreg=0: no cap
     launch = {} if maxnreg is None or interp_mode() else {"maxnreg": maxnreg}
     kp32 = k_params.view(torch.int32)  # [B, Hkv, S, 1]: one 4-byte load per token
@@ -486,17 +675,27 @@ def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Te
         pml = torch.empty(cfg["num_splits"], B, T, Hq, 2, dtype=torch.float32, device=q.device)
     else:
         po = pml = o
-    grid = (cfg["m_tiles"], B * Hkv, cfg["num_splits"])
-    _attn_fwd_kernel[grid](
-        q, k_cache, kp32, v_cache, vp32, kv_lens, o, po, pml,
-        B, T, Hkv, cfg["m_tiles"], cfg["chunk"], cfg["num_splits"], LOG2E / math.sqrt(D),
-        q.stride(0), q.stride(1), o.stride(0), o.stride(1),
-        *k_cache.stride()[:3], *kp32.stride()[:3], *v_cache.stride()[:3], *vp32.stride()[:3],
-        GROUP=G, D=D, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], SPLIT=split,
-        QK_DTYPE=qk_dt, PV_DTYPE=pv_dt, IEEE=fp32 or interp, OUT_BF16=q.dtype == torch.bfloat16,
-        INTERP_LOOP=interp, MAX_TILES=triton.cdiv(S, cfg["block_n"]) if interp else 1, FAST_UNPACK=fast,
-        CAUSAL=T > 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch,
-    )
+    if cfg["row_kernel"]:
+        _attn_decode_row_kernel[(B * Hkv, cfg["num_splits"])](
+            q, k_cache, kp32, v_cache, vp32, kv_lens, o, po, pml,
+            B, Hkv, cfg["chunk"], cfg["num_splits"], LOG2E / math.sqrt(D),
+            q.stride(0), o.stride(0),
+            *k_cache.stride()[:3], *kp32.stride()[:3], *v_cache.stride()[:3], *vp32.stride()[:3],
+            D=D, BLOCK_N=cfg["block_n"], SPLIT=split, OUT_BF16=q.dtype == torch.bfloat16,
+            INTERP_LOOP=interp, MAX_TILES=triton.cdiv(S, cfg["block_n"]) if interp else 1, FAST_UNPACK=not interp,
+            PREFETCH=cfg["prefetch"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch,
+        )
+    else:
+        _attn_fwd_kernel[(cfg["m_tiles"], B * Hkv, cfg["num_splits"])](
+            q, k_cache, kp32, v_cache, vp32, kv_lens, o, po, pml,
+            B, T, Hkv, cfg["m_tiles"], cfg["chunk"], cfg["num_splits"], LOG2E / math.sqrt(D),
+            q.stride(0), q.stride(1), o.stride(0), o.stride(1),
+            *k_cache.stride()[:3], *kp32.stride()[:3], *v_cache.stride()[:3], *vp32.stride()[:3],
+            GROUP=G, D=D, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], SPLIT=split,
+            QK_DTYPE=qk_dt, PV_DTYPE=pv_dt, IEEE=fp32 or interp, OUT_BF16=q.dtype == torch.bfloat16,
+            INTERP_LOOP=interp, MAX_TILES=triton.cdiv(S, cfg["block_n"]) if interp else 1, FAST_UNPACK=fast,
+            CAUSAL=T > 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch,
+        )
     if split:
         n_rows = B * T * Hq
         rows = 4

@@ -104,8 +104,10 @@ def _magic_codes(v, QMIN: tl.constexpr, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _int4_group_codes(y_lo, y_hi, clip, scale_ptrs, q_ptrs, mask2d, gmask, NATIVE: tl.constexpr):
-    """Quantize a tile of groups [G, g/2] x 2 (low / high halves), store scales and packed bytes."""
+def _int4_group_codes(y_lo, y_hi, clip, scale_ptrs, q_ptrs, mask2d, gmask, NATIVE: tl.constexpr,
+                      X16: tl.constexpr = False, HALF: tl.constexpr = 64):
+    """Quantize a tile of groups [G, g/2] x 2 (low / high halves), store scales and packed bytes, or with X16
+    16 * code as int8 at q_ptrs (low half) and q_ptrs + HALF (high half) (the W4A4 GEMM's MMA operand)."""
     amax = tl.maximum(tl.max(tl.abs(y_lo), axis=1), tl.max(tl.abs(y_hi), axis=1))
     scale = tl.math.div_rn(amax * clip, 7.0)
     tl.store(scale_ptrs, scale, mask=gmask)
@@ -114,8 +116,12 @@ def _int4_group_codes(y_lo, y_hi, clip, scale_ptrs, q_ptrs, mask2d, gmask, NATIV
     s = s[:, None]
     c_lo = _magic_codes(_div_rn(y_lo, s, r, NATIVE), -8, 7)
     c_hi = _magic_codes(_div_rn(y_hi, s, r, NATIVE), -8, 7)
-    byte = (c_lo & 15) | ((c_hi & 15) << 4)
-    tl.store(q_ptrs, byte.to(tl.int8), mask=mask2d)
+    if X16:
+        tl.store(q_ptrs, (c_lo * 16).to(tl.int8), mask=mask2d)
+        tl.store(q_ptrs + HALF, (c_hi * 16).to(tl.int8), mask=mask2d)
+    else:
+        byte = (c_lo & 15) | ((c_hi & 15) << 4)
+        tl.store(q_ptrs, byte.to(tl.int8), mask=mask2d)
 
 
 @triton.jit
@@ -141,6 +147,7 @@ def _row_gather_quant_kernel(
     Y_DTYPE: tl.constexpr,  # ... and weight * normed to promote(weight, input)
     K_PAD: tl.constexpr, GROUP: tl.constexpr, N_GROUPS: tl.constexpr, G_PAD: tl.constexpr,
     N_OUT: tl.constexpr, ROWS: tl.constexpr, NATIVE: tl.constexpr, W_PER_ROW: tl.constexpr,
+    X16: tl.constexpr,  # write 16 * code as int8 in channel order instead of packed nibbles
 ):
     """One row (token) of x in registers: statistics, gather by perm (tl.gather), quantize, store.
 
@@ -172,7 +179,10 @@ def _row_gather_quant_kernel(
     if NORM and not W_PER_ROW:
         w_lo = tl.load(w_ptr + ch_lo, mask=mask2d, other=0).to(tl.float32)
         w_hi = tl.load(w_ptr + ch_hi, mask=mask2d, other=0).to(tl.float32)
-    qcol = gi[:, None] * HALF + jj[None, :]  # byte offset in the packed row
+    if X16:
+        qcol = gi[:, None] * GROUP + jj[None, :]  # offset of the group's low half in the int8 row
+    else:
+        qcol = gi[:, None] * HALF + jj[None, :]  # byte offset in the packed row
     if N_OUT > 0:
         offs_o = tl.arange(0, N_OUT)
         ch_o = N_GROUPS * GROUP + offs_o
@@ -206,7 +216,7 @@ def _row_gather_quant_kernel(
                 y_lo = _round_to(w_lo * y_lo, Y_DTYPE, NATIVE)
                 y_hi = _round_to(w_hi * y_hi, Y_DTYPE, NATIVE)
         _int4_group_codes(y_lo, y_hi, clip, s_ptr + row64 * stride_sm + gi, q_ptr + row64 * stride_qm + qcol,
-                          mask2d & rmask, gmask & rmask, NATIVE)
+                          mask2d & rmask, gmask & rmask, NATIVE, X16, HALF)
         if N_OUT > 0:
             y_o = tl.gather(x, src_o, 0)
             if NORM:
@@ -232,7 +242,7 @@ def _silu_mul_quant_kernel(
     M, stride_gm, stride_um, stride_qm, stride_sm, stride_om, stride_osm,
     clip,
     H_DTYPE: tl.constexpr, GROUP: tl.constexpr, N_GROUPS: tl.constexpr, GB: tl.constexpr, N_OUT: tl.constexpr,
-    NATIVE: tl.constexpr,
+    NATIVE: tl.constexpr, X16: tl.constexpr,
 ):
     """One row per program; the row is streamed GB groups at a time (no perm: SiLU*up already comes out in
     down_proj's order). Grid: (M,)."""
@@ -252,7 +262,8 @@ def _silu_mul_quant_kernel(
         y_lo = _silu_mul(gl, ul, H_DTYPE, NATIVE)
         y_hi = _silu_mul(gh, uh, H_DTYPE, NATIVE)
         _int4_group_codes(y_lo, y_hi, clip, s_ptr + row * stride_sm + gi,
-                          q_ptr + row * stride_qm + gi[:, None] * HALF + jj[None, :], mask2d, gmask, NATIVE)
+                          q_ptr + row * stride_qm + gi[:, None] * (GROUP if X16 else HALF) + jj[None, :], mask2d, gmask,
+                          NATIVE, X16, HALF)
     if N_OUT > 0:
         offs_o = tl.arange(0, N_OUT)
         col_o = N_GROUPS * GROUP + offs_o
@@ -290,10 +301,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _outputs(x2: Tensor, lead, K: int, n_groups: int, group_size: int, n_out: int, outlier_format: str):
+def _outputs(x2: Tensor, lead, K: int, n_groups: int, group_size: int, n_out: int, outlier_format: str,
+             x16: bool = False):
     M = x2.shape[0]
     dev = x2.device
-    q = torch.empty(M, n_groups * group_size // 2, dtype=torch.int8, device=dev)
+    q = torch.empty(M, n_groups * group_size // (1 if x16 else 2), dtype=torch.int8, device=dev)
     scales = torch.empty(M, n_groups, dtype=torch.float32, device=dev)
     if n_out:
         outl = torch.empty(M, n_out, dtype=torch.int8, device=dev)
@@ -325,11 +337,11 @@ def _num_sms(device) -> int:
 
 
 def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_format, clip, norm,
-                rows_per_program=None, num_warps=None, maxnreg=None, w_per_row=False):
+                rows_per_program=None, num_warps=None, maxnreg=None, w_per_row=False, x16=False):
     lead = x.shape[:-1]
     x2 = _rows2d(x)
     M = x2.shape[0]
-    q, scales, outl, os_ = _outputs(x2, lead, K, n_groups, group_size, n_out, outlier_format)
+    q, scales, outl, os_ = _outputs(x2, lead, K, n_groups, group_size, n_out, outlier_format, x16)
     if M == 0:
         return _shape(lead, q, scales, outl, os_)
     if perm is not None:
@@ -359,44 +371,49 @@ def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_fo
         float(eps), float(clip),
         NORM=norm, HAS_PERM=perm is not None, X_DTYPE=_TL_DTYPES[x.dtype], Y_DTYPE=_TL_DTYPES[ydt],
         K_PAD=K_PAD, GROUP=group_size, N_GROUPS=n_groups, G_PAD=G_PAD, N_OUT=n_out, ROWS=rows_per_program,
-        NATIVE=not _interpreting(), W_PER_ROW=w_per_row, num_warps=num_warps, **_EXACT, **_maxnreg(maxnreg),
+        NATIVE=not _interpreting(), W_PER_ROW=w_per_row, X16=x16, num_warps=num_warps, **_EXACT, **_maxnreg(maxnreg),
     )
     return _shape(lead, q, scales, outl, os_)
 
 
 def rms_norm_quant(x: Tensor, weight: Tensor, eps: float, perm: Tensor | None, fmt: str, group_size: int,
                    n_outliers: int, outlier_format: str, clip: float, *, rows_per_program: int | None = None,
-                   num_warps: int | None = None, maxnreg: int | None = None, w_per_row: bool = False):
+                   num_warps: int | None = None, maxnreg: int | None = None, w_per_row: bool = False,
+                   x16: bool = False):
     """RMSNorm (fp32 statistics, cast to x.dtype, times weight) + gather by perm + INT4/INT8 quantization.
 
     Same contract as ``ops.rms_norm_quant_reference``; returns (q, scales, outliers, outlier_scales).
     One program holds a whole row in registers: one read of x, one write of each output.
+    ``x16``: q is int8 [..., Kn] holding 16 * code in channel order (the W4A4 GEMM's ``x_unpacked`` input)
+    instead of the packed nibbles.
     """
     K, n_groups = _check(x, fmt, group_size, n_outliers, outlier_format)
     return _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_outliers, outlier_format, clip, True,
-                       rows_per_program, num_warps, maxnreg, w_per_row)
+                       rows_per_program, num_warps, maxnreg, w_per_row, x16)
 
 
 def gather_quant(x: Tensor, perm: Tensor, fmt: str, group_size: int, n_outliers: int, outlier_format: str,
                  clip: float, *, rows_per_program: int | None = None, num_warps: int | None = None,
-                 maxnreg: int | None = None):
+                 maxnreg: int | None = None, x16: bool = False):
     """x[..., perm] quantized per token (the o_proj input). Same contract as ``ops.gather_quant_reference``;
-    bit-exact."""
+    bit-exact. ``x16``: as in ``rms_norm_quant``."""
     K, n_groups = _check(x, fmt, group_size, n_outliers, outlier_format)
     return _row_launch(x, None, 0.0, perm, K, n_groups, group_size, n_outliers, outlier_format, clip, False,
-                       rows_per_program, num_warps, maxnreg)
+                       rows_per_program, num_warps, maxnreg, x16=x16)
 
 
 def silu_mul_quant(gate: Tensor, up: Tensor, fmt: str, group_size: int, n_outliers: int, outlier_format: str,
-                   clip: float, *, groups_per_step: int | None = None, num_warps: int | None = None):
-    """SiLU(gate) * up quantized per token. Same contract as ``ops.silu_mul_quant_reference``."""
+                   clip: float, *, groups_per_step: int | None = None, num_warps: int | None = None,
+                   x16: bool = False):
+    """SiLU(gate) * up quantized per token. Same contract as ``ops.silu_mul_quant_reference``.
+    ``x16``: as in ``rms_norm_quant``."""
     K, n_groups = _check(gate, fmt, group_size, n_outliers, outlier_format)
     if up.shape != gate.shape or up.dtype != gate.dtype:
         raise NotImplementedError(f"triton silu_mul_quant: gate {gate.shape} {gate.dtype} vs up {up.shape} {up.dtype}")
     lead = gate.shape[:-1]
     g2, u2 = _rows2d(gate), _rows2d(up)
     M = g2.shape[0]
-    q, scales, outl, os_ = _outputs(g2, lead, K, n_groups, group_size, n_outliers, outlier_format)
+    q, scales, outl, os_ = _outputs(g2, lead, K, n_groups, group_size, n_outliers, outlier_format, x16)
     if M == 0:
         return _shape(lead, q, scales, outl, os_)
     GB = groups_per_step or min(triton.next_power_of_2(n_groups), max(1, 2048 // group_size))
@@ -405,7 +422,7 @@ def silu_mul_quant(gate: Tensor, up: Tensor, fmt: str, group_size: int, n_outlie
         M, g2.stride(0), u2.stride(0), q.stride(0), scales.stride(0), outl.stride(0), os_.stride(0),
         float(clip),
         H_DTYPE=_TL_DTYPES[gate.dtype], GROUP=group_size, N_GROUPS=n_groups, GB=GB, N_OUT=n_outliers,
-        NATIVE=not _interpreting(), num_warps=num_warps or 4, **_EXACT,
+        NATIVE=not _interpreting(), X16=x16, num_warps=num_warps or 4, **_EXACT,
     )
     return _shape(lead, q, scales, outl, os_)
 

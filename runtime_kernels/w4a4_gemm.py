@@ -46,6 +46,7 @@ in CUDA graphs and caches the fastest), or else ``pick_config``'s table (the aut
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -449,20 +450,23 @@ def _graph_time_us(fn, flush: Tensor, reps: int = 10) -> float:
     return (med[0] - med[1]) * 1000 / reps
 
 
-def _autotune(args, key, M, N, G) -> Config:
+def _autotune(args, key, M, N, G, x_unpacked: bool = False) -> Config:
     xq, xs, xo, xos, pw, bias, out = args
     flush = torch.empty(64 << 20, dtype=torch.int8, device=xq.device)  # larger than the 50 MB L2
     times, first = [], None
-    for cfg in candidates(M, N, G):
+    cands = candidates(M, N, G)
+    if x_unpacked:  # (activations given unpacked: every candidate reads them so)
+        cands = list(dict.fromkeys(dataclasses.replace(c, x_unpacked=True) for c in cands))
+    for cfg in cands:
         try:
-            _launch(xq, xs, xo, xos, pw, bias, out, cfg)
+            _launch(xq, xs, xo, xos, pw, bias, out, cfg, x_unpacked)
             y = out.float()
             if first is None:
                 first = y
             elif not torch.isfinite(y).all() or (y - first).norm() > 1e-2 * first.norm():
                 times.append((cfg, None, "output differs from the first candidate's"))
                 continue
-            us = _graph_time_us(lambda c=cfg: _launch(xq, xs, xo, xos, pw, bias, out, c), flush)
+            us = _graph_time_us(lambda c=cfg: _launch(xq, xs, xo, xos, pw, bias, out, c, x_unpacked), flush)
         except Exception as e:  # noqa: BLE001  (a candidate that does not compile here is skipped)
             times.append((cfg, None, f"{type(e).__name__}: {str(e)[:200]}"))
             continue
@@ -483,19 +487,25 @@ def w4a4_gemm(
     out_dtype: torch.dtype = torch.bfloat16,
     config: Config | None = None,
     out: Tensor | None = None,
+    x_unpacked: bool = False,
 ) -> Tensor:
     """y [M, N] = W4A4 GEMM of the activation qtensor (xq, xs, xo, xos) with a prepared weight (+ bias).
 
     2-D inputs (the caller flattens leading dims). No host synchronization (CUDA-graph capturable).
     ``out``: optional preallocated [M, N] output of ``out_dtype``.
+    ``x_unpacked``: xq is already int8 [M, G * g] holding 16 * code in natural channel order (what
+    ``unpack_activations`` or a quantizer with ``x16=True`` writes); the kernel then loads it by TMA
+    straight into the MMA whatever the configuration says.
     """
     pw = prepared
     g = pw.group_size
     half = g // 2
     M = xq.shape[0]
     N, G, n_out = pw.N, pw.groups, pw.n_out
-    if xq.dim() != 2 or xq.dtype != torch.int8 or xq.shape[1] != G * half:
-        raise ValueError(f"xq must be int8 [M, {G * half}], got {xq.dtype} {tuple(xq.shape)}")
+    width = G * g if x_unpacked else G * half
+    if xq.dim() != 2 or xq.dtype != torch.int8 or xq.shape[1] != width:
+        raise ValueError(f"xq must be int8 [M, {width}] ({'unpacked' if x_unpacked else 'packed'}), "
+                         f"got {xq.dtype} {tuple(xq.shape)}")
     if tuple(xs.shape) != (M, G):
         raise ValueError(f"xs must be [M, G] = [{M}, {G}], got {tuple(xs.shape)}")
     if tuple(xo.shape) != (M, n_out) or (n_out and xo.dtype != torch.int8):
@@ -516,14 +526,16 @@ def w4a4_gemm(
     if xos.dtype != torch.float32:
         xos = xos.float()
     if config is None:
-        key = (xq.device.index, _m_bucket(M), N, G, g, n_out)
+        key = (xq.device.index, _m_bucket(M), N, G, g, n_out, x_unpacked)
         config = _TUNED.get(key)
         if config is None:
             if _AUTOTUNE and not _interpreting() and not torch.cuda.is_current_stream_capturing():
-                config = _TUNED[key] = _autotune((xq, xs, xo, xos, pw, bias, out), key, M, N, G)
+                config = _TUNED[key] = _autotune((xq, xs, xo, xos, pw, bias, out), key, M, N, G, x_unpacked)
             else:
                 config = pick_config(M, N, G)
-    _launch(xq, xs, xo, xos, pw, bias, out, config)
+    if x_unpacked:
+        config = dataclasses.replace(config, x_unpacked=True)
+    _launch(xq, xs, xo, xos, pw, bias, out, config, x_given_unpacked=x_unpacked)
     return out
 
 
@@ -534,7 +546,7 @@ def _use_ws(cfg: Config, nsplit: int, interp: bool) -> bool:
     return cfg.ws and not interp and cfg.x_unpacked and cfg.block_n >= 128 and nsplit == 1
 
 
-def _launch(xq, xs, xo, xos, pw: PreparedWeight, bias, out, cfg: Config) -> None:
+def _launch(xq, xs, xo, xos, pw: PreparedWeight, bias, out, cfg: Config, x_given_unpacked: bool = False) -> None:
     M, N, G, n_out = xq.shape[0], pw.N, pw.groups, pw.n_out
     g = pw.group_size
     half = g // 2
@@ -550,7 +562,9 @@ def _launch(xq, xs, xo, xos, pw: PreparedWeight, bias, out, cfg: Config) -> None
         part = torch.empty((nsplit, M, N), dtype=torch.float32, device=xq.device)
     else:
         part = out  # unused
-    if cfg.x_unpacked:
+    if x_given_unpacked:
+        x_desc = TensorDescriptor.from_tensor(_aligned(xq), [cfg.block_m, half])
+    elif cfg.x_unpacked:
         x_desc = TensorDescriptor.from_tensor(unpack_activations(xq, g), [cfg.block_m, half])
     else:
         x_desc = TensorDescriptor.from_tensor(_aligned(xq), [cfg.block_m, half])

@@ -42,6 +42,10 @@ def test_triton_backend_matches_reference(tiny, device, kv_rotation):
     assert table["input_layernorm_quant"] == "triton:rms_norm_quant" and table["kv_lens"] == "triton:kv_cache_store_quant"
     assert ("triton:hadamard_heads" in table.values()) == kv_rotation
     assert table["q_rope"] == "triton:rope"
+    # every quantizer feeds only kernel GEMMs here, so all of them hand over int8 16 * code operands
+    configs = {row[0]: row[3] for row in tri.layers[0].meta["atom.kernel_table"]}
+    assert "16 * code" in configs["input_layernorm_quant"] and "16 * code" in configs["q_proj"]
+    assert sum("16 * code" in c for c in configs.values()) == 4 + 7  # 4 quantizers (2 norms, o_proj, down) + 7 GEMMs
     ids = torch.randint(0, 64, (2, 12), device=device)
     a, b = ref(ids), tri(ids)
     assert ((a - b).norm() / a.norm()).item() < TOL
@@ -57,3 +61,20 @@ def test_unsupported_formats_fall_back_to_the_reference(tiny, device):
     rows = {row[0]: row for row in q.layers[0].meta["atom.kernel_table"]}
     assert rows["q_proj"][2] == "reference:quant_linear_reference" and "int3" in rows["q_proj"][3]
     assert rows["attention"][2] == "reference:attention_quant_kv_reference" and "2-bit" in rows["attention"][3]
+
+
+def test_quantizer_keeps_packed_codes_when_a_reader_falls_back(tiny, device):
+    """Weights with one scale per 2 rows fall back to the reference GEMM, which reads packed nibbles: the
+    quantizers feeding them must then write packed codes, and the model still matches the reference."""
+    calib = torch.randint(0, 64, (2, 16), device=device)
+    ref = atom_compile.compile(tiny, calib, AtomConfig(group_size=64, n_outliers=64, weight_channel_group=2),
+                               progress=False, backend="reference")
+    tri = copy.deepcopy(ref)
+    for gm in tri.layers:
+        relower(gm, "triton")
+    rows = {row[0]: row for row in tri.layers[0].meta["atom.kernel_table"]}
+    assert rows["q_proj"][2] == "reference:quant_linear_reference"
+    assert rows["input_layernorm_quant"][2] == "triton:rms_norm_quant" and "16 * code" not in rows["input_layernorm_quant"][3]
+    ids = torch.randint(0, 64, (2, 12), device=device)
+    a, b = ref(ids), tri(ids)
+    assert ((a - b).norm() / a.norm()).item() < TOL

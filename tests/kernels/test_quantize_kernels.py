@@ -132,6 +132,30 @@ def test_gather_quant_bit_exact_many_rows(device):
         _assert_exact(out, _ref(ops.gather_quant_reference, x, perm, "int4", g, 64, "int8", 0.9))
 
 
+@pytest.mark.parametrize("g", [64, 128])
+def test_x16_output_is_the_unpacked_packed_output(device, g):
+    """x16=True writes 16 * code in channel order (the GEMM's unpacked operand): exactly what
+    unpack_activations makes of the packed output, for all three quantizers; the other outputs are equal."""
+    from atom_compile.runtime_kernels.w4a4_gemm import unpack_activations
+
+    K, n_out = 1536, 128
+    x = _rows(12, K, torch.bfloat16, device, seed=31 + g)
+    gen = torch.Generator().manual_seed(g)
+    w = (torch.rand(K, generator=gen) + 0.5).bfloat16().to(device)
+    perm = torch.randperm(K, generator=gen).to(device)
+    up = _rows(12, K, torch.bfloat16, device, seed=32 + g)
+    calls = [lambda **kw: rms_norm_quant(x, w, 1e-5, perm, "int4", g, n_out, "int8", 0.9, **kw),
+             lambda **kw: gather_quant(x, perm, "int4", g, n_out, "int8", 0.9, **kw),
+             lambda **kw: silu_mul_quant(x * 0.3, up, "int4", g, n_out, "int8", 0.9, **kw)]
+    for call in calls:
+        packed, unpacked = call(), call(x16=True)
+        assert unpacked[0].shape == (12, K - n_out) and unpacked[0].dtype == torch.int8
+        assert torch.equal(unpacked[0], unpack_activations(packed[0], g))
+        assert int((unpacked[0].int() % 16).abs().sum()) == 0 and unpacked[0].int().abs().sum() > 0
+        for a, b in zip(packed[1:], unpacked[1:]):
+            assert torch.equal(a, b)
+
+
 def test_gather_quant_zero_group_and_ties(device):
     """A zero row (scale 0, codes 0) among random rows, and exact .5 ties that must round to even."""
     K, g = 576, 64

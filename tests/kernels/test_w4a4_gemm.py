@@ -10,12 +10,14 @@ interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from atom_compile import quant
 from atom_compile.ops import quant_linear_reference
-from atom_compile.runtime_kernels.w4a4_gemm import Config, prepare_weight, w4a4_gemm
+from atom_compile.runtime_kernels.w4a4_gemm import Config, prepare_weight, unpack_activations, w4a4_gemm
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -100,6 +102,24 @@ CONFIGS = [
 def test_configs(device, config):
     xq, wq, b = make_case(37, 80, 1536, 128, 128, seed=3, device=device)
     check(xq, wq, b, 128, torch.float32, config)
+
+
+@pytest.mark.parametrize("config", [None, Config(block_n=32, block_m=16, split_k=3, num_stages=1)],
+                         ids=["default", "n32m16s3"])
+def test_activations_given_unpacked(device, config):
+    """x_unpacked=True: the int8 (16 x code) activations of unpack_activations go straight in; same result as
+    the packed input (bit-equal: the same integer dots and the same scaling order)."""
+    xq, wq, b = make_case(37, 80, 1536, 128, 128, seed=8, device=device)
+    pw = prepare_weight(*wq, 128)
+    x16 = unpack_activations(xq[0], 128)
+    assert x16.shape == (37, 1408)
+    y = w4a4_gemm(x16, *xq[1:], pw, b, torch.float32, config=config, x_unpacked=True)
+    ref = reference(xq, wq, b, 128, torch.float32)
+    assert rel_err(y, ref) < TOL[torch.float32]
+    cfg = config and dataclasses.replace(config, x_unpacked=True)
+    assert torch.equal(y, w4a4_gemm(*xq, pw, b, torch.float32, config=cfg))
+    with pytest.raises(ValueError, match="unpacked"):
+        w4a4_gemm(xq[0], *xq[1:], pw, b, torch.float32, x_unpacked=True)
 
 
 def test_fp16_output_and_no_outliers(device):
