@@ -64,15 +64,23 @@ def _decode_rows(B, ctx, Hq, Hkv, D, dev, copy_gbs, sweep):
     label = f"decode {'GQA' if gqa else 'MHA'} B={B} ctx={ctx} Hq={Hq} Hkv={Hkv} D={D}"
     rows = []
     configs = [("default", {})]
-    if sweep:
+    if not gqa:  # the default for one query row per KV head is the CUDA-core row kernel; the tensor-core one too
+        configs.append(("tensor-core kernel", dict(row_kernel=False)))
+    if sweep and gqa:
         configs += [(f"splits={s},BN={bn}", dict(num_splits=s, block_n=bn)) for s in (1, 2, 4, 8) for bn in (64, 128)]
         configs += [(f"warps={w},stages={st}", dict(num_warps=w, num_stages=st)) for w in (2, 4, 8) for st in (2, 3, 4)]
+    if sweep and not gqa:
+        configs += [(f"row BN={bn},warps={w},prefetch={pf}", dict(block_n=bn, num_warps=w, prefetch=pf))
+                    for bn, w in ((32, 4), (64, 4), (128, 4), (128, 8), (16, 1), (32, 1), (16, 2), (32, 2), (64, 2))
+                    for pf in (True, False)]
+        configs += [(f"row splits={s}", dict(num_splits=s)) for s in (2, 4)]
     for name, kw in configs:
         if kw:
             _check(q, cache, lens, **kw)
         us = bench_us(lambda kw=kw: attention_quant_kv(q, *cache, lens, 4, max_seqlen=ctx, **kw))
         cfg = attention_config(q, cache[0], max_seqlen=ctx, **kw)
-        rows.append(dict(case=label, config=f"{name} ({cfg['num_splits']} splits, BN {cfg['block_n']})", us=us,
+        kind = "row kernel" if cfg["row_kernel"] else "tensor cores"
+        rows.append(dict(case=label, config=f"{name} ({kind}, {cfg['num_splits']} splits, BN {cfg['block_n']})", us=us,
                          GBps=nbytes / (us * 1e-6) / 1e9, pct_copy=100 * nbytes / (us * 1e-6) / 1e9 / copy_gbs,
                          sdpa_bf16_us=sdpa_us, sdpa_GBps=sdpa_bytes / (sdpa_us * 1e-6) / 1e9,
                          speedup_vs_sdpa=sdpa_us / us, rel_err=err))

@@ -22,6 +22,7 @@ first) and keeps the fastest; the JSON records every candidate's time. ``--no-au
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import math
@@ -71,12 +72,18 @@ def rel_err(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def time_ours(xq, wq, cfg=None, reps=50) -> float:
+def time_ours(xq, wq, cfg=None, reps=50, x16=False) -> float:
+    """Median us of our GEMM; x16: the activations arrive unpacked (int8 16 * code, as the quantizers write
+    them in the compiled model), else packed nibbles."""
     pw0 = wk.prepare_weight(*wq, GROUP)
     k = n_sets(weight_bytes(pw0))
     pws = [pw0] + [wk.prepare_weight(*(t.clone() for t in wq), GROUP) for _ in range(k - 1)]
     outs = [torch.empty(xq[0].shape[0], pw0.N, dtype=torch.bfloat16, device="cuda") for _ in range(k)]
-    fns = [lambda p=p, o=o: wk.w4a4_gemm(*xq, p, None, torch.bfloat16, config=cfg, out=o) for p, o in zip(pws, outs)]
+    xin = (wk.unpack_activations(xq[0], GROUP), *xq[1:]) if x16 else xq
+    fns = [lambda p=p, o=o: wk.w4a4_gemm(*xin, p, None, torch.bfloat16, config=cfg, out=o, x_unpacked=x16)
+           for p, o in zip(pws, outs)]
+    if x16:
+        fns[0]()  # (the first call of a size autotunes, outside the timed graph)
     return bench_us(fns[0], rotate=fns, reps=reps)
 
 
@@ -186,6 +193,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ms", default=None, help="e.g. 16,4096")
     ap.add_argument("--profile", default=None, help="N,K,M: just run one size 3 times (for ncu), with --cfg")
     ap.add_argument("--cfg", default="", help="Config fields for --profile, e.g. block_n=128,block_m=64,ws=1")
+    ap.add_argument("--x16", action="store_true", help="also time ours with the activations given unpacked (int8 "
+                    "16 * code: what the compiled model's quantizers write), autotuned separately")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_gemm needs a CUDA device")
@@ -211,6 +220,8 @@ def main(argv=None) -> None:
     wk.set_autotune(autotune)
     jobs = [(M, N, K, c) for N, K in shapes for M in ms
             for c in (wk.candidates(M, N, (K - N_OUT) // GROUP) if autotune else [None])]
+    if args.x16 and autotune:  # (the x_unpacked twins compile other kernels)
+        jobs += [(M, N, K, dataclasses.replace(c, x_unpacked=True)) for M, N, K, c in jobs]
     precompile(jobs, args.workers)
 
     rows, tuning = [], []
@@ -224,13 +235,20 @@ def main(argv=None) -> None:
                 print(f"VERIFY FAILED N={N} K={K} M={M}: {e!r}"[:500], flush=True)
                 err = float("nan")
             base = time_baselines(x, w)
-            key = (0, wk._m_bucket(M), N, (K - N_OUT) // GROUP, GROUP, N_OUT)
+            key = (0, wk._m_bucket(M), N, (K - N_OUT) // GROUP, GROUP, N_OUT, False)
             cfg = wk._TUNED.get(key) or wk.pick_config(M, N, (K - N_OUT) // GROUP)
             try:
                 ours = time_ours(xq, wq)
             except Exception as e:  # noqa: BLE001
                 print(f"OURS FAILED N={N} K={K} M={M}: {e!r}"[:500], flush=True)
                 ours = float("nan")
+            ours_x16 = None
+            if args.x16:
+                try:
+                    ours_x16 = time_ours(xq, wq, x16=True)
+                except Exception as e:  # noqa: BLE001
+                    print(f"OURS x16 FAILED N={N} K={K} M={M}: {e!r}"[:500], flush=True)
+                    ours_x16 = float("nan")
             flop = 2 * M * N * K
 
             def tf(us):
@@ -241,6 +259,11 @@ def main(argv=None) -> None:
                        x_bf16=base["bf16"] / ours, x_fp8=None if base["fp8"] is None else base["fp8"] / ours,
                        x_int8=None if base["int8"] is None else base["int8"] / ours, max_rel_err=err,
                        config=_short(cfg))
+            if args.x16:
+                key16 = key + (True,)
+                cfg16 = wk._TUNED.get(key16) or dataclasses.replace(wk.pick_config(M, N, (K - N_OUT) // GROUP),
+                                                                    x_unpacked=True)
+                row.update(ours_x16_us=ours_x16, x16_x_bf16=base["bf16"] / ours_x16, x16_config=_short(cfg16))
             for entry in wk.AUTOTUNE_LOG[n_log:]:
                 tuning.append(dict(N=N, K=K, M=M, best=asdict(entry["best"]),
                                    candidates=[dict(cfg=asdict(c), us=t, error=e) for c, t, e in entry["times"]]))

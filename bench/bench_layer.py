@@ -117,7 +117,36 @@ def kernel_breakdown(fn, steps: int = 3) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_layer"])[:12]
 
 
-def run(quick: bool, out: str | None, config_name: str, overrides: dict | None = None) -> None:
+def _variant(name: str, atom):
+    """The compiled layer relowered with one optimization switched off (for A/B rows), or None."""
+    import atom_compile.lowering.triton as lt
+    from atom_compile.lowering import relower
+    from atom_compile.runtime_kernels import kv_attention
+
+    if name == "atom, quantizers write packed codes":
+        lt.X16_ACTIVATIONS = False
+        try:
+            return relower(copy.deepcopy(atom), "triton")
+        finally:
+            lt.X16_ACTIVATIONS = True
+    if name == "atom, tensor-core decode attention":
+        gm = copy.deepcopy(atom)
+
+        def call(*args, _gm=gm):
+            kv_attention.ROW_KERNEL = False
+            try:
+                return _gm(*args)
+            finally:
+                kv_attention.ROW_KERNEL = True
+        return call
+    raise ValueError(name)
+
+
+VARIANTS = ("atom, quantizers write packed codes", "atom, tensor-core decode attention")
+
+
+def run(quick: bool, out: str | None, config_name: str, overrides: dict | None = None,
+        variants: bool = False) -> None:
     torch.manual_seed(0)
     cfg = llama7b_config(quick)
     layer = LlamaDecoderLayer(cfg, 0).to(DEV, DT).eval()
@@ -149,6 +178,12 @@ def run(quick: bool, out: str | None, config_name: str, overrides: dict | None =
             t_atom = bench_us(lambda: atom(x, cos, sin, seqlens, *kq))
             rows.append({"case": name, "batch": B, "new_tokens": T, "context": ctx_len, "bf16_us": t_bf16,
                          "atom_us": t_atom, "speedup": t_bf16 / t_atom, "rel_err_vs_reference": rel})
+            for vname in VARIANTS if variants else ():
+                fn = _variant(vname, atom)
+                t_v = bench_us(lambda fn=fn: fn(x, cos, sin, seqlens, *kq))
+                rows.append({"case": f"{name} ({vname})", "batch": B, "new_tokens": T, "context": ctx_len,
+                             "bf16_us": t_bf16, "atom_us": t_v, "speedup": t_bf16 / t_v,
+                             "rel_err_vs_reference": float("nan")})
             extra["breakdown"][name] = {
                 "atom": kernel_breakdown(lambda: atom(x, cos, sin, seqlens, *kq)),
                 "bf16": kernel_breakdown(lambda: base(x, cos, sin, kb, vb, ctx_len)),
@@ -170,5 +205,7 @@ if __name__ == "__main__":
     ap.add_argument("--config", default="atom-w4a4-rtn")
     ap.add_argument("--set", action="append", metavar="KNOB=VALUE", default=[],
                     help="override an AtomConfig knob, e.g. --set kv_rotation=false")
+    ap.add_argument("--variants", action="store_true",
+                    help="also time the layer with packed quantizer codes and with tensor-core decode attention")
     a = ap.parse_args()
-    run(a.quick, a.out, a.config, _parse_overrides(a.set))
+    run(a.quick, a.out, a.config, _parse_overrides(a.set), a.variants)

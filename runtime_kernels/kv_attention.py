@@ -42,6 +42,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+# One query row per KV head (MHA decode) goes to the CUDA-core row kernel unless a caller asks otherwise;
+# False sends it to the tensor-core kernel (A/B timing: bench/bench_layer.py --variants).
+ROW_KERNEL = True
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _EXACT = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 LOG2E = 1.4426950408889634
@@ -591,7 +594,7 @@ def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, 
     if row_kernel and rows != 1:
         raise ValueError(f"row_kernel needs one query row per KV head, got T * G = {rows}")
     if row_kernel is None:
-        row_kernel = rows == 1
+        row_kernel = rows == 1 and ROW_KERNEL
     if row_kernel:
         block_n = block_n or 64
         if num_splits is None:
