@@ -70,9 +70,11 @@ def _decode_rows(B, ctx, Hq, Hkv, D, dev, copy_gbs, sweep):
         configs += [(f"splits={s},BN={bn}", dict(num_splits=s, block_n=bn)) for s in (1, 2, 4, 8) for bn in (64, 128)]
         configs += [(f"warps={w},stages={st}", dict(num_warps=w, num_stages=st)) for w in (2, 4, 8) for st in (2, 3, 4)]
     if sweep and not gqa:
-        configs += [(f"row BN={bn},warps={w},prefetch={pf}", dict(block_n=bn, num_warps=w, prefetch=pf))
-                    for bn, w in ((32, 4), (64, 4), (128, 4), (128, 8), (16, 1), (32, 1), (16, 2), (32, 2), (64, 2))
-                    for pf in (True, False)]
+        configs += [(f"row BN={bn},warps={w},acc_rows={ar}", dict(block_n=bn, num_warps=w, acc_rows=ar))
+                    for bn, w, ar in ((32, 1, 32), (32, 1, 8), (16, 1, 8), (64, 1, 8), (64, 2, 16), (32, 2, 16),
+                                      (64, 4, 32), (128, 4, 32), (128, 8, 64))]
+        configs += [(f"row prefetch,BN={bn},warps={w}", dict(block_n=bn, num_warps=w, prefetch=True))
+                    for bn, w in ((32, 1), (16, 1))]
         configs += [(f"row splits={s}", dict(num_splits=s)) for s in (2, 4)]
     for name, kw in configs:
         if kw:

@@ -125,18 +125,21 @@ def test_attention_split_kv(device, num_splits, max_seqlen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("row_kernel,num_splits", [(True, None), (True, 3), (False, None)])
-def test_attention_mha_decode_paths(device, dtype, row_kernel, num_splits):
-    """T = 1 with MHA: the CUDA-core row kernel (the default there), split or not, and the MMA path it replaces,
-    on ragged lengths including a sequence with a single key."""
+@pytest.mark.parametrize("row_kernel,kw", [(True, {}), (True, dict(num_splits=3)), (False, {}),
+                                           (True, dict(block_n=64, num_warps=2, acc_rows=64, prefetch=True)),
+                                           (True, dict(block_n=16, num_warps=4, acc_rows=4))])
+def test_attention_mha_decode_paths(device, dtype, row_kernel, kw):
+    """T = 1 with MHA: the CUDA-core row kernel (the default there) in several configurations (split-KV, register
+    prefetch, per-slot accumulators folded to fewer rows), and the MMA path it replaces, on ragged lengths
+    including a sequence with a single key."""
     g = _gen(5)
     B, H, D, S = 3, 3, 128, 150
     kc, kp, vc, vp = _filled_cache(B, H, S, D, device, g)
     kv_lens = torch.tensor([150, 1, 77], dtype=torch.int32, device=device)
     q = (torch.randn(B, 1, H * D, generator=g) * 2).to(dtype).to(device)
-    cfg = attention_config(q, kc, num_splits=num_splits, row_kernel=row_kernel)
-    assert cfg["row_kernel"] == row_kernel and (num_splits is None or cfg["num_splits"] == num_splits)
-    out = attention_quant_kv(q, kc, kp, vc, vp, kv_lens, 4, num_splits=num_splits, row_kernel=row_kernel).cpu()
+    cfg = attention_config(q, kc, row_kernel=row_kernel, **kw)
+    assert cfg["row_kernel"] == row_kernel and all(cfg[k] == v for k, v in kw.items())
+    out = attention_quant_kv(q, kc, kp, vc, vp, kv_lens, 4, row_kernel=row_kernel, **kw).cpu()
     ref = ops.attention_quant_kv_reference(*(t.cpu() for t in (q, kc, kp, vc, vp, kv_lens)), 4)
     assert torch.isfinite(out).all() and out.dtype == dtype
     assert _rel(out, ref) < TOL[dtype]
@@ -147,6 +150,8 @@ def test_row_kernel_needs_one_row(device):
     kc = torch.zeros(1, 2, 8, 32, dtype=torch.uint8, device=device)
     with pytest.raises(ValueError, match="one query row"):
         attention_config(q, kc, row_kernel=True)
+    with pytest.raises(ValueError, match="acc_rows"):
+        attention_config(q[..., :128], kc, row_kernel=True, block_n=32, acc_rows=12)
 
 
 def test_store_then_decode_round_trip(device):
