@@ -50,7 +50,7 @@ def _check(q, cache, lens, nb=4, **kw):
     return err
 
 
-def _decode_rows(B, ctx, Hq, Hkv, D, dev, copy_gbs, sweep):
+def _decode_rows(B, ctx, Hq, Hkv, D, dev, copy_gbs, sweep, sweep_gqa=True):
     cache, (kb, vb) = _cache(B, Hkv, ctx, D, dev, seed=Hkv)
     q = torch.randn(B, 1, Hq * D, device=dev).bfloat16()
     lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
@@ -66,16 +66,16 @@ def _decode_rows(B, ctx, Hq, Hkv, D, dev, copy_gbs, sweep):
     configs = [("default", {})]
     if not gqa:  # the default for one query row per KV head is the CUDA-core row kernel; the tensor-core one too
         configs.append(("tensor-core kernel", dict(row_kernel=False)))
-    if sweep and gqa:
+    if sweep and gqa and sweep_gqa:
         configs += [(f"splits={s},BN={bn}", dict(num_splits=s, block_n=bn)) for s in (1, 2, 4, 8) for bn in (64, 128)]
         configs += [(f"warps={w},stages={st}", dict(num_warps=w, num_stages=st)) for w in (2, 4, 8) for st in (2, 3, 4)]
     if sweep and not gqa:
-        configs += [(f"row BN={bn},warps={w},acc_rows={ar}", dict(block_n=bn, num_warps=w, acc_rows=ar))
-                    for bn, w, ar in ((32, 1, 32), (32, 1, 8), (16, 1, 8), (64, 1, 8), (64, 2, 16), (32, 2, 16),
-                                      (64, 4, 32), (128, 4, 32), (128, 8, 64))]
-        configs += [(f"row prefetch,BN={bn},warps={w}", dict(block_n=bn, num_warps=w, prefetch=True))
-                    for bn, w in ((32, 1), (16, 1))]
-        configs += [(f"row splits={s}", dict(num_splits=s)) for s in (2, 4)]
+        configs += [(f"row BN={bn},warps={w},acc_rows={ar},splits={s}",
+                     dict(block_n=bn, num_warps=w, acc_rows=ar, num_splits=s))
+                    for bn, w, ar in ((16, 1, 8), (32, 1, 8), (32, 1, 32), (64, 2, 16), (128, 4, 32))
+                    for s in (1, 2, 4)]
+        configs += [(f"row BN=16,warps=1,prefetch,splits={s}", dict(block_n=16, num_warps=1, prefetch=True,
+                                                                     num_splits=s)) for s in (2, 4)]
     for name, kw in configs:
         if kw:
             _check(q, cache, lens, **kw)
@@ -138,6 +138,8 @@ def main(argv=None):
     ap.add_argument("--q-heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--no-gqa-sweep", action="store_true", help="with --sweep: sweep the MHA (row kernel) case only")
+    ap.add_argument("--contexts", default=None, help="decode contexts, e.g. 1024,2048 (default: --context)")
     args = ap.parse_args(argv)
     assert torch.cuda.is_available(), "bench_attention needs a CUDA device"
     dev = "cuda"
@@ -146,9 +148,10 @@ def main(argv=None):
         B, ctx = 8, 512
     copy_gbs = copy_bandwidth_gbs(1 << 28 if args.quick else 1 << 30)
     decode = []
-    for Hkv in (Hq, Hq // 4):
-        decode += _decode_rows(B, ctx, Hq, Hkv, D, dev, copy_gbs, args.sweep)
-        torch.cuda.empty_cache()
+    for c in [int(v) for v in args.contexts.split(",")] if args.contexts else [ctx]:
+        for Hkv in (Hq, Hq // 4):
+            decode += _decode_rows(B, c, Hq, Hkv, D, dev, copy_gbs, args.sweep, not args.no_gqa_sweep)
+            torch.cuda.empty_cache()
     report(f"Decode over the 4-bit KV cache vs SDPA on bf16 K/V; copy bandwidth {copy_gbs:.0f} GB/s", decode, None)
     prefill = []
     if not args.skip_prefill:

@@ -45,6 +45,7 @@ from torch import Tensor
 # One query row per KV head (MHA decode) goes to the CUDA-core row kernel unless a caller asks otherwise;
 # False sends it to the tensor-core kernel (A/B timing: bench/bench_layer.py --variants).
 ROW_KERNEL = True
+ROW_PROGRAMS_PER_SM = 16  # split-KV target for the row kernel
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _EXACT = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 LOG2E = 1.4426950408889634
@@ -582,10 +583,10 @@ def _combine_kernel(po_ptr, pml_ptr, o_ptr, n_rows, T, HQ, n_splits, stride_ob, 
                  mask=(dd < D) & ok)
 
 
-def _decode_splits(base_programs: int, max_seqlen: int, block_n: int, n_sm: int) -> int:
-    """Split-KV factor: about 4 programs per SM (flash decoding), at most one split per key tile."""
+def _decode_splits(base_programs: int, max_seqlen: int, block_n: int, n_sm: int, per_sm: int = 4) -> int:
+    """Split-KV factor: about ``per_sm`` programs per SM (flash decoding), at most one split per key tile."""
     tiles = triton.cdiv(max(max_seqlen, 1), block_n)
-    want = triton.cdiv(4 * n_sm, max(base_programs, 1))
+    want = triton.cdiv(per_sm * n_sm, max(base_programs, 1))
     return max(1, min(want, tiles, 64))
 
 
@@ -609,12 +610,12 @@ def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, 
     if row_kernel is None:
         row_kernel = rows == 1 and ROW_KERNEL
     if row_kernel:
-        # H100 sweep (bench_attention --sweep, MHA B=64 ctx=2048): 32 keys per tile and one warp per program were
-        # fastest (285 us vs 300-400 us for 2-8 warps or 64-128 keys; the register prefetch was slower or spilled)
-        block_n = block_n or 32
+        # H100 sweep (bench_attention --sweep, MHA B=64 ctx=2048): 16 keys per tile and one warp per program were
+        # fastest (248 us vs 270-515 us for 2-8 warps or 32-128 keys; the register prefetch was slower or spilled)
+        block_n = block_n or 16
         num_warps = num_warps or 1
-        if num_splits is None:
-            num_splits = _decode_splits(B * Hkv, bound, block_n, _num_sms(q.device))
+        if num_splits is None:  # one-warp programs: many per SM
+            num_splits = _decode_splits(B * Hkv, bound, block_n, _num_sms(q.device), ROW_PROGRAMS_PER_SM)
         chunk = triton.cdiv(triton.cdiv(bound, num_splits), block_n) * block_n
         if acc_rows is None:  # the key rows one pass of the CTA's threads covers (16-byte loads along a row)
             acc_rows = min(block_n, max(1, 16 * 32 // (D // 2)) * num_warps)

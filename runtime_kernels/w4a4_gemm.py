@@ -373,6 +373,10 @@ def candidates(M: int, N: int, G: int, sms: int = 132) -> list[Config]:
         out.append(C(block_n=32, block_m=bm, split_k=1, num_stages=8))
         out.append(C(block_n=64, block_m=bm, split_k=_split_for(M, N, G, 64, bm, 8, sms), num_stages=3))
         out.append(C(block_n=16, block_m=bm, split_k=1, num_stages=8))
+        for sub in (16, 32):  # narrower token tiles at M = 33..64: more programs, each weight tile read 2-4 times (L2)
+            if sub < bm:
+                for waves in (2, 4):
+                    out.append(C(block_n=64, block_m=sub, split_k=_split_for(M, N, G, 64, sub, waves, sms), num_stages=4))
     elif M <= 256:
         for bn, bm, waves in ((128, 64, 1), (128, 64, 2), (64, 128, 2), (64, 64, 2)):
             out.append(C(block_n=bn, block_m=bm, split_k=_split_for(M, N, G, bn, bm, waves, sms), num_stages=4))
