@@ -45,7 +45,7 @@ from torch import Tensor
 # One query row per KV head (MHA decode) goes to the CUDA-core row kernel unless a caller asks otherwise;
 # False sends it to the tensor-core kernel (A/B timing: bench/bench_layer.py --variants).
 ROW_KERNEL = True
-ROW_PROGRAMS_PER_SM = 16  # split-KV target for the row kernel
+ROW_PROGRAMS_PER_SM = 8  # split-KV target for the row kernel (H100: B*H = 2048 runs best unsplit)
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _EXACT = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 LOG2E = 1.4426950408889634
