@@ -148,6 +148,7 @@ def main(argv=None):
             sweep = [(f"groups/step={gb},warps={nw}",
                       (lambda gb=gb, nw=nw: silu_mul_quant(gate, up, *qargs, groups_per_step=gb, num_warps=nw)))
                      for gb in (4, 8, 16, 32) for nw in (2, 4, 8)]
+            sweep += [(f"chunks={c}", (lambda c=c: silu_mul_quant(gate, up, *qargs, chunks=c))) for c in (1, 2, 4, 8, 16)]
         rows += _time(lambda: silu_mul_quant(gate, up, *qargs),
                       lambda: ops.silu_mul_quant_reference(gate, up, *qargs),
                       lambda: ops.silu_mul_quant_reference(*_cpu_rows(gate, up), *qargs),

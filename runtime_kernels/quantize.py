@@ -242,17 +242,20 @@ def _silu_mul_quant_kernel(
     M, stride_gm, stride_um, stride_qm, stride_sm, stride_om, stride_osm,
     clip,
     H_DTYPE: tl.constexpr, GROUP: tl.constexpr, N_GROUPS: tl.constexpr, GB: tl.constexpr, N_OUT: tl.constexpr,
-    NATIVE: tl.constexpr, X16: tl.constexpr,
+    NATIVE: tl.constexpr, X16: tl.constexpr, CHUNKS: tl.constexpr,
 ):
-    """One row per program; the row is streamed GB groups at a time (no perm: SiLU*up already comes out in
-    down_proj's order). Grid: (M,)."""
+    """Programs take a row, or with CHUNKS > 1 a chunk of ceil(N_GROUPS / CHUNKS) groups of a row (small M:
+    more programs than rows); the groups are streamed GB at a time (no perm: SiLU*up already comes out in
+    down_proj's order); the outliers are the last chunk's. Grid: (M, CHUNKS)."""
     HALF: tl.constexpr = GROUP // 2
     row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    PER_CHUNK: tl.constexpr = (N_GROUPS + CHUNKS - 1) // CHUNKS
     gb = tl.arange(0, GB)
     jj = tl.arange(0, HALF)
-    for g0 in range(0, N_GROUPS, GB):
-        gi = g0 + gb
-        gmask = gi < N_GROUPS
+    for step in range(0, PER_CHUNK, GB):  # (constexpr bounds: the interpreter takes no tensor range() bound)
+        gi = chunk * PER_CHUNK + step + gb
+        gmask = (gi < N_GROUPS) & (gi < (chunk + 1) * PER_CHUNK)
         mask2d = gmask[:, None] & (jj[None, :] >= 0)
         col = gi[:, None] * GROUP + jj[None, :]
         gl = tl.load(g_ptr + row * stride_gm + col, mask=mask2d, other=0.0).to(tl.float32)
@@ -264,7 +267,7 @@ def _silu_mul_quant_kernel(
         _int4_group_codes(y_lo, y_hi, clip, s_ptr + row * stride_sm + gi,
                           q_ptr + row * stride_qm + gi[:, None] * (GROUP if X16 else HALF) + jj[None, :], mask2d, gmask,
                           NATIVE, X16, HALF)
-    if N_OUT > 0:
+    if N_OUT > 0 and chunk == CHUNKS - 1:
         offs_o = tl.arange(0, N_OUT)
         col_o = N_GROUPS * GROUP + offs_o
         y_o = _silu_mul(tl.load(g_ptr + row * stride_gm + col_o).to(tl.float32),
@@ -404,7 +407,7 @@ def gather_quant(x: Tensor, perm: Tensor, fmt: str, group_size: int, n_outliers:
 
 def silu_mul_quant(gate: Tensor, up: Tensor, fmt: str, group_size: int, n_outliers: int, outlier_format: str,
                    clip: float, *, groups_per_step: int | None = None, num_warps: int | None = None,
-                   x16: bool = False):
+                   x16: bool = False, chunks: int | None = None):
     """SiLU(gate) * up quantized per token. Same contract as ``ops.silu_mul_quant_reference``.
     ``x16``: as in ``rms_norm_quant``."""
     K, n_groups = _check(gate, fmt, group_size, n_outliers, outlier_format)
@@ -417,12 +420,14 @@ def silu_mul_quant(gate: Tensor, up: Tensor, fmt: str, group_size: int, n_outlie
     if M == 0:
         return _shape(lead, q, scales, outl, os_)
     GB = groups_per_step or min(triton.next_power_of_2(n_groups), max(1, 2048 // group_size))
-    _silu_mul_quant_kernel[(M,)](
+    if chunks is None:  # few rows (decode): split each row over programs so that every SM has work
+        chunks = max(1, min(triton.cdiv(n_groups, GB), (4 * _num_sms(gate.device)) // M))
+    _silu_mul_quant_kernel[(M, chunks)](
         g2, u2, q, scales, outl, os_,
         M, g2.stride(0), u2.stride(0), q.stride(0), scales.stride(0), outl.stride(0), os_.stride(0),
         float(clip),
         H_DTYPE=_TL_DTYPES[gate.dtype], GROUP=group_size, N_GROUPS=n_groups, GB=GB, N_OUT=n_outliers,
-        NATIVE=not _interpreting(), X16=x16, num_warps=num_warps or 4, **_EXACT,
+        NATIVE=not _interpreting(), X16=x16, CHUNKS=chunks, num_warps=num_warps or 4, **_EXACT,
     )
     return _shape(lead, q, scales, outl, os_)
 

@@ -111,6 +111,21 @@ def test_silu_mul_quant(device, dtype, K, g, n_out):
     _assert_bounded(out, ref, dtype, g)
 
 
+@pytest.mark.parametrize("chunks,gb", [(3, 2), (4, 4), (11, 1)])
+def test_silu_mul_quant_rows_split_over_programs(device, chunks, gb):
+    """Few rows: each row's groups split over several programs (chunks), uneven chunks and steps included;
+    the same outputs as one program per row."""
+    K, g, n_out = 1536, 128, 128  # 11 groups
+    gate = _rows(5, K, torch.bfloat16, device, seed=41) * 0.3
+    up = _rows(5, K, torch.bfloat16, device, seed=42)
+    one = silu_mul_quant(gate, up, "int4", g, n_out, "int8", 0.9, chunks=1)
+    split = silu_mul_quant(gate, up, "int4", g, n_out, "int8", 0.9, chunks=chunks, groups_per_step=gb)
+    for a, b in zip(one, split):
+        assert torch.equal(a, b)
+    _assert_bounded(split, _ref(ops.silu_mul_quant_reference, gate, up, "int4", g, n_out, "int8", 0.9),
+                    torch.bfloat16, g)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("K,g,n_out", SHAPES[:4])
 def test_gather_quant_bit_exact(device, dtype, K, g, n_out):
