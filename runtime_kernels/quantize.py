@@ -367,6 +367,8 @@ def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_fo
             rows_per_program *= 2
     if num_warps is None:
         num_warps = 4 if K_PAD <= 4096 else 8
+        if M <= _num_sms(x.device):  # few rows (decode): more warps per row (H100, 64 x 4096: 4.0 vs 4.3 us)
+            num_warps = max(num_warps, min(16, K_PAD // 256))
     grid = (triton.cdiv(M, rows_per_program),)
     _row_gather_quant_kernel[grid](
         x2, weight if norm else x2, perm if perm is not None else x2, q, scales, outl, os_,
