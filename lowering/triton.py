@@ -126,7 +126,8 @@ class KVAttentionBinding(Binding):
         bits = node.args[6]
         if bits != 4:
             return _reference(node.target, f"{bits}-bit KV")
-        return self.fn, self.name, "split-KV flash decoding for <= 64 query rows, flash-attention tiles above"
+        return self.fn, self.name, ("CUDA-core row kernel for one query row per KV head (MHA decode); split-KV "
+                                    "flash decoding for <= 64 query rows, flash-attention tiles above")
 
 
 class HadamardBinding(Binding):

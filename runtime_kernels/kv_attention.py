@@ -22,7 +22,9 @@ gives the low nibbles of a row = dims [0, D/2) and the high nibbles = dims [D/2,
 is two dots of depth D/2 with no interleaving. The softmax is online (flash attention) in fp32 and
 the exponentials are exp2 with log2(e) folded into the scale.
 
-Precision of the dots: fp32 queries use fp32 FMA dots (``input_precision="ieee"``); bf16 / fp16
+Two attention kernels: the CUDA-core row kernel for one query row per KV head (MHA decode: scores and
+values in fp32 FMAs, whatever the query dtype) and the tensor-core kernel for everything else.
+Precision of the tensor-core dots: fp32 queries use fp32 FMA dots (``input_precision="ieee"``); bf16 / fp16
 queries use their own dtype for Q.K (queries and codes exact, fp32 accumulation) and fp16 for P.V
 with P * s normalized by the tile's largest s (so that P in [0, 1] keeps fp16's 11 bits).
 
@@ -655,8 +657,10 @@ def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Te
 
     ``max_seqlen``: a host hint of max(kv_lens) (default: the cache length S_max) over which the work is split;
     kv_lens is never read on the host, and a hint that is too small costs time, not correctness (the last
-    split runs to each sequence's end). T * G <= 64 rows (decode, small chunks) use split-KV (flash decoding) and a
-    combine kernel; longer chunks use flash-attention tiles of 128 rows, one launch.
+    split runs to each sequence's end). One query row per KV head (T = 1 with MHA) runs on CUDA cores
+    (``_attn_decode_row_kernel``; ``row_kernel=False`` forces the tensor-core kernel); other T * G <= 64 rows
+    (GQA decode, small chunks) use split-KV (flash decoding) and a combine kernel; longer chunks use
+    flash-attention tiles of 128 rows, one launch.
     """
     if bits != 4:
         raise NotImplementedError(f"triton attention_quant_kv: bits={bits} (4 only)")
