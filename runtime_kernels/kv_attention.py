@@ -214,6 +214,21 @@ def _unpack_params(p32):
 
 
 @triton.jit
+def _split_range_and_bases(pid_s, chunk, n_splits, n_hi, b, kvh, kc_ptr, vc_ptr, kp_ptr, vp_ptr, stride_kcb, stride_kch,
+                           stride_vcb, stride_vch, stride_kpb, stride_kph, stride_vpb, stride_vph):
+    """This split's key range [n_lo, n_end) (keys below n_hi) and the cache bases of (sequence b, KV head kvh)."""
+    n_lo = pid_s * chunk
+    n_end = tl.minimum(n_lo + chunk, n_hi)
+    if pid_s == n_splits - 1:  # the last split runs to the end: max_seqlen is only a hint
+        n_end = n_hi
+    kc_base = kc_ptr + b.to(tl.int64) * stride_kcb + kvh.to(tl.int64) * stride_kch
+    vc_base = vc_ptr + b.to(tl.int64) * stride_vcb + kvh.to(tl.int64) * stride_vch
+    kp_base = kp_ptr + b.to(tl.int64) * stride_kpb + kvh.to(tl.int64) * stride_kph
+    vp_base = vp_ptr + b.to(tl.int64) * stride_vpb + kvh.to(tl.int64) * stride_vph
+    return n_lo, n_end, kc_base, vc_base, kp_base, vp_base
+
+
+@triton.jit
 def _attn_block(start, n_end, qpos, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
                 kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
                 HALF: tl.constexpr, BLOCK_N: tl.constexpr, QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr,
@@ -319,15 +334,9 @@ def _attn_fwd_kernel(
 
     t_last = (tl.minimum((m_tile + 1) * BLOCK_M, n_rows) - 1) // GROUP
     n_hi = tl.minimum(kv_len - T + t_last + 1, kv_len)  # keys any row of this tile can see
-    n_lo = pid_s * chunk
-    n_end = tl.minimum(n_lo + chunk, n_hi)
-    if pid_s == n_splits - 1:  # the last split runs to the end: max_seqlen is only a hint
-        n_end = n_hi
-
-    kc_base = kc_ptr + b.to(tl.int64) * stride_kcb + kvh.to(tl.int64) * stride_kch
-    vc_base = vc_ptr + b.to(tl.int64) * stride_vcb + kvh.to(tl.int64) * stride_vch
-    kp_base = kp_ptr + b.to(tl.int64) * stride_kpb + kvh.to(tl.int64) * stride_kph
-    vp_base = vp_ptr + b.to(tl.int64) * stride_vpb + kvh.to(tl.int64) * stride_vph
+    n_lo, n_end, kc_base, vc_base, kp_base, vp_base = _split_range_and_bases(
+        pid_s, chunk, n_splits, n_hi, b, kvh, kc_ptr, vc_ptr, kp_ptr, vp_ptr, stride_kcb, stride_kch, stride_vcb,
+        stride_vch, stride_kpb, stride_kph, stride_vpb, stride_vph)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -499,14 +508,9 @@ def _attn_decode_row_kernel(
     q_lo = tl.load(q_ptr + q_off + dd).to(tl.float32)
     q_hi = tl.load(q_ptr + q_off + HALF + dd).to(tl.float32)
     qsum = tl.sum(q_lo, axis=0) + tl.sum(q_hi, axis=0)
-    n_lo = pid_s * chunk
-    n_end = tl.minimum(n_lo + chunk, kv_len)
-    if pid_s == n_splits - 1:  # the last split runs to the end: max_seqlen is only a hint
-        n_end = kv_len
-    kc_base = kc_ptr + b.to(tl.int64) * stride_kcb + h.to(tl.int64) * stride_kch
-    vc_base = vc_ptr + b.to(tl.int64) * stride_vcb + h.to(tl.int64) * stride_vch
-    kp_base = kp_ptr + b.to(tl.int64) * stride_kpb + h.to(tl.int64) * stride_kph
-    vp_base = vp_ptr + b.to(tl.int64) * stride_vpb + h.to(tl.int64) * stride_vph
+    n_lo, n_end, kc_base, vc_base, kp_base, vp_base = _split_range_and_bases(
+        pid_s, chunk, n_splits, kv_len, b, h, kc_ptr, vc_ptr, kp_ptr, vp_ptr, stride_kcb, stride_kch, stride_vcb,
+        stride_vch, stride_kpb, stride_kph, stride_vpb, stride_vph)
     m_i = tl.full([], float("-inf"), tl.float32)
     l_i = tl.zeros([], tl.float32)
     z_i = tl.zeros([], tl.float32)
