@@ -74,8 +74,6 @@ def _decode_rows(B, ctx, Hq, Hkv, D, dev, copy_gbs, sweep, sweep_gqa=True):
                      dict(block_n=bn, num_warps=w, acc_rows=ar, num_splits=s))
                     for bn, w, ar in ((16, 1, 8), (32, 1, 8), (32, 1, 32), (64, 2, 16), (128, 4, 32))
                     for s in (1, 2, 4)]
-        configs += [(f"row BN=16,warps=1,prefetch,splits={s}", dict(block_n=16, num_warps=1, prefetch=True,
-                                                                     num_splits=s)) for s in (2, 4)]
     for name, kw in configs:
         if kw:
             _check(q, cache, lens, **kw)

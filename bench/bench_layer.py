@@ -118,7 +118,7 @@ def kernel_breakdown(fn, steps: int = 3) -> list[dict]:
 
 
 def _variant(name: str, atom):
-    """The compiled layer relowered with one optimization switched off (for A/B rows), or None."""
+    """A callable: the compiled layer with one optimization switched off (for the A/B rows)."""
     import atom_compile.lowering.triton as lt
     from atom_compile.lowering import relower
     from atom_compile.runtime_kernels import kv_attention

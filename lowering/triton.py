@@ -50,11 +50,11 @@ def _gemm_why_not(node: fx.Node) -> str | None:
 
 def _codes_only_read_by_gemm_kernels(node: fx.Node) -> bool:
     """Every user of the quantizer's codes (output 0) is the activation input of a GEMM bound to the kernel."""
-    readers = [u for g in node.users if g.target is operator.getitem and g.args[1] == 0 for u in g.users]
-    others = [g for g in node.users if g.target is not operator.getitem]
-    return bool(readers) and not others and all(
-        u.target is atom.quant_linear.default and u.args[0].args[0] is node and _gemm_why_not(u) is None
-        and all(a is not u.args[0] for a in u.args[1:]) for u in readers)
+    if any(g.target is not operator.getitem for g in node.users):
+        return False
+    readers = [(g, u) for g in node.users if g.args[1] == 0 for u in g.users]
+    return bool(readers) and all(u.target is atom.quant_linear.default and u.args[0] is g and g not in u.args[1:]
+                                 and _gemm_why_not(u) is None for g, u in readers)
 
 
 class _X16Quantizer:

@@ -421,21 +421,6 @@ def _nibbles_f32(c, HI: tl.constexpr, FAST_UNPACK: tl.constexpr):
 
 
 @triton.jit
-def _decode_row_load(start, n_end, kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
-                     HALF: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The codes and (scale, zero) pairs of keys [start, start + BLOCK_N), zeros past n_end."""
-    dd = tl.arange(0, HALF)
-    n = start + tl.arange(0, BLOCK_N)
-    n_ok = n < n_end
-    slot = n  # paging: block_table[b, slot // PAGE] * page_stride + slot % PAGE
-    kt = tl.load(kc_base + slot[:, None] * stride_kcs + dd[None, :], mask=n_ok[:, None], other=0)  # [BLOCK_N, HALF]
-    vt = tl.load(vc_base + slot[:, None] * stride_vcs + dd[None, :], mask=n_ok[:, None], other=0)
-    kp = tl.load(kp_base + slot * stride_kps, mask=n_ok, other=0)
-    vp = tl.load(vp_base + slot * stride_vps, mask=n_ok, other=0)
-    return kt, vt, kp, vp
-
-
-@triton.jit
 def _fold_rows(x, ACC_ROWS: tl.constexpr):
     """[BLOCK_N, HALF] -> [ACC_ROWS, HALF]: sums rows r, r + ACC_ROWS, r + 2 ACC_ROWS, ... (with ACC_ROWS = the
     rows one pass of the CTA's threads covers, those rows sit in the same thread: no data movement)."""
@@ -448,16 +433,23 @@ def _fold_rows(x, ACC_ROWS: tl.constexpr):
 
 
 @triton.jit
-def _decode_row_block(start, n_end, kt, vt, kp, vp, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
-                      BLOCK_N: tl.constexpr, FAST_UNPACK: tl.constexpr, ACC_ROWS: tl.constexpr):
+def _decode_row_block(start, n_end, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
+                      kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
+                      HALF: tl.constexpr, BLOCK_N: tl.constexpr, FAST_UNPACK: tl.constexpr, ACC_ROWS: tl.constexpr):
     """One tile of BLOCK_N keys for a single query row, on CUDA cores in fp32 (see _attn_decode_row_kernel).
 
     acc_lo / acc_hi are [ACC_ROWS, HALF] partial sums of the weighted values (key slot modulo ACC_ROWS), reduced
-    over their rows once at the end (a full reduction per tile would cross lanes and warps every tile). They are rescaled only when the running max
-    grows (a uniform branch: one row per program), which is exact, since alpha is 1 otherwise."""
-    n_ok = start + tl.arange(0, BLOCK_N) < n_end
-    k_scale, k_zero = _unpack_params(kp)
-    v_scale, v_zero = _unpack_params(vp)  # 0 when masked
+    over their rows once at the end (a full reduction per tile would cross lanes and warps every tile). They
+    are rescaled only when the running max grows (a uniform branch: one row per program), which is exact,
+    since alpha is 1 otherwise."""
+    dd = tl.arange(0, HALF)
+    n = start + tl.arange(0, BLOCK_N)
+    n_ok = n < n_end
+    slot = n  # paging: block_table[b, slot // PAGE] * page_stride + slot % PAGE
+    kt = tl.load(kc_base + slot[:, None] * stride_kcs + dd[None, :], mask=n_ok[:, None], other=0)  # [BLOCK_N, HALF]
+    vt = tl.load(vc_base + slot[:, None] * stride_vcs + dd[None, :], mask=n_ok[:, None], other=0)
+    k_scale, k_zero = _unpack_params(tl.load(kp_base + slot * stride_kps, mask=n_ok, other=0))
+    v_scale, v_zero = _unpack_params(tl.load(vp_base + slot * stride_vps, mask=n_ok, other=0))  # 0 when masked
     r = tl.sum(_nibbles_f32(kt, False, FAST_UNPACK) * q_lo[None, :] + _nibbles_f32(kt, True, FAST_UNPACK) * q_hi[None, :],
                axis=1)
     s = (r - qsum * k_zero) * (k_scale * qk_scale)
@@ -487,8 +479,7 @@ def _attn_decode_row_kernel(
     stride_kcb, stride_kch, stride_kcs, stride_kpb, stride_kph, stride_kps,
     stride_vcb, stride_vch, stride_vcs, stride_vpb, stride_vph, stride_vps,
     D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, OUT_BF16: tl.constexpr,
-    INTERP_LOOP: tl.constexpr, MAX_TILES: tl.constexpr, FAST_UNPACK: tl.constexpr, PREFETCH: tl.constexpr,
-    ACC_ROWS: tl.constexpr,
+    INTERP_LOOP: tl.constexpr, MAX_TILES: tl.constexpr, FAST_UNPACK: tl.constexpr, ACC_ROWS: tl.constexpr,
 ):
     """Decode with one query row per KV head (T = 1, MHA): CUDA cores instead of tensor cores.
 
@@ -518,26 +509,16 @@ def _attn_decode_row_kernel(
     acc_hi = tl.zeros([ACC_ROWS, HALF], tl.float32)
     if INTERP_LOOP:  # (see _attn_fwd_kernel: the interpreter visits a host-given number of tiles)
         for it in range(0, MAX_TILES):
-            start = n_lo + it * BLOCK_N
-            kt, vt, kp, vp = _decode_row_load(start, n_end, kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps,
-                                              stride_vcs, stride_vps, HALF, BLOCK_N)
-            m_i, l_i, z_i, acc_lo, acc_hi = _decode_row_block(start, n_end, kt, vt, kp, vp, q_lo, q_hi, qsum, qk_scale,
-                                                              m_i, l_i, z_i, acc_lo, acc_hi, BLOCK_N, FAST_UNPACK, ACC_ROWS)
-    elif PREFETCH:  # registers hold the next tile's loads while this one is computed
-        kt, vt, kp, vp = _decode_row_load(n_lo, n_end, kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps,
-                                          stride_vcs, stride_vps, HALF, BLOCK_N)
-        for start in range(n_lo, n_end, BLOCK_N):
-            kt2, vt2, kp2, vp2 = _decode_row_load(start + BLOCK_N, n_end, kc_base, kp_base, vc_base, vp_base,
-                                                  stride_kcs, stride_kps, stride_vcs, stride_vps, HALF, BLOCK_N)
-            m_i, l_i, z_i, acc_lo, acc_hi = _decode_row_block(start, n_end, kt, vt, kp, vp, q_lo, q_hi, qsum, qk_scale,
-                                                              m_i, l_i, z_i, acc_lo, acc_hi, BLOCK_N, FAST_UNPACK, ACC_ROWS)
-            kt, vt, kp, vp = kt2, vt2, kp2, vp2
+            m_i, l_i, z_i, acc_lo, acc_hi = _decode_row_block(
+                n_lo + it * BLOCK_N, n_end, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
+                kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
+                HALF, BLOCK_N, FAST_UNPACK, ACC_ROWS)
     else:
         for start in range(n_lo, n_end, BLOCK_N):
-            kt, vt, kp, vp = _decode_row_load(start, n_end, kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps,
-                                              stride_vcs, stride_vps, HALF, BLOCK_N)
-            m_i, l_i, z_i, acc_lo, acc_hi = _decode_row_block(start, n_end, kt, vt, kp, vp, q_lo, q_hi, qsum, qk_scale,
-                                                              m_i, l_i, z_i, acc_lo, acc_hi, BLOCK_N, FAST_UNPACK, ACC_ROWS)
+            m_i, l_i, z_i, acc_lo, acc_hi = _decode_row_block(
+                start, n_end, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
+                kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
+                HALF, BLOCK_N, FAST_UNPACK, ACC_ROWS)
     acc_lo = tl.sum(acc_lo, axis=0) - z_i
     acc_hi = tl.sum(acc_hi, axis=0) - z_i
     if SPLIT:  # partials [splits, B, 1, Hq, D] and [splits, B, 1, Hq, 2], as _attn_fwd_kernel writes them
@@ -598,8 +579,8 @@ def _decode_splits(base_programs: int, max_seqlen: int, block_n: int, n_sm: int,
 
 def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, num_splits: int | None = None,
                      block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None, row_kernel: bool | None = None, prefetch: bool | None = None,
-                     acc_rows: int | None = None) -> dict:
+                     num_stages: int | None = None, row_kernel: bool | None = None, acc_rows: int | None = None
+                     ) -> dict:
     """The launch configuration ``attention_quant_kv`` uses (also what the kernel table prints).
 
     ``row_kernel``: one query row per KV head (T = 1 with MHA) runs on CUDA cores (_attn_decode_row_kernel)
@@ -617,7 +598,7 @@ def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, 
         row_kernel = rows == 1 and ROW_KERNEL
     if row_kernel:
         # H100 sweep (bench_attention --sweep, MHA B=64 ctx=2048): 16 keys per tile and one warp per program were
-        # fastest (248 us vs 270-515 us for 2-8 warps or 32-128 keys; the register prefetch was slower or spilled)
+        # fastest (248 us vs 270-515 us for 2-8 warps or 32-128 keys; a register prefetch of the next tile was slower)
         block_n = block_n or 16
         num_warps = num_warps or 1
         if num_splits is None:  # one-warp programs: many per SM
@@ -629,7 +610,7 @@ def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, 
             raise ValueError(f"acc_rows {acc_rows} must be a power of two dividing block_n {block_n}")
         return dict(row_kernel=True, block_m=1, block_n=block_n, m_tiles=1, num_splits=triton.cdiv(bound, chunk),
                     chunk=chunk, num_warps=num_warps, num_stages=num_stages or 1,
-                    prefetch=False if prefetch is None else prefetch, acc_rows=acc_rows, maxnreg=None)
+                    acc_rows=acc_rows, maxnreg=None)
     if block_m is None:  # H200 sweep (bench_attention --sweep): prefill best at 64 x 128 with 4 warps
         block_m = max(16, triton.next_power_of_2(rows)) if rows <= 64 else 64
     if block_n is None:
@@ -645,7 +626,7 @@ def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, 
         num_stages = 2 if block_m >= 128 else 3
     # decode: capping registers at 168 fits 3 programs per SM instead of 2 (H200: 316 vs 340 us, MHA B=64 ctx 2048)
     maxnreg = 168 if (rows <= 64 and not fp32) else None
-    return dict(row_kernel=False, prefetch=False, acc_rows=None, block_m=block_m, block_n=block_n, m_tiles=m_tiles, num_splits=num_splits,
+    return dict(row_kernel=False, acc_rows=None, block_m=block_m, block_n=block_n, m_tiles=m_tiles, num_splits=num_splits,
                 chunk=chunk, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
 
 
@@ -653,8 +634,7 @@ def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Te
                        kv_lens: Tensor, bits: int = 4, *, max_seqlen: int | None = None, num_splits: int | None = None,
                        block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                        num_stages: int | None = None, maxnreg: int | None = None, row_kernel: bool | None = None,
-                       prefetch: bool | None = None, acc_rows: int | None = None, out: Tensor | None = None
-                       ) -> Tensor:
+                       acc_rows: int | None = None, out: Tensor | None = None) -> Tensor:
     """Causal GQA attention of q [B, T, Hq * D] over the 4-bit cache; query t of sequence b sits at position
     kv_lens[b] - T + t. Same contract as ``ops.attention_quant_kv_reference`` (a row that sees no key gives 0
     where the reference gives NaN).
@@ -690,7 +670,7 @@ def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Te
     if B == 0 or T == 0:
         return o
     cfg = attention_config(q, k_cache, max_seqlen, num_splits, block_m, block_n, num_warps, num_stages, row_kernel,
-                           prefetch, acc_rows)
+                           acc_rows)
     maxnreg = cfg["maxnreg"] if maxnreg is None else (maxnreg or None)  # maxnreg=0: no cap
     launch = {} if maxnreg is None or interp_mode() else {"maxnreg": maxnreg}
     kp32 = k_params.view(torch.int32)  # [B, Hkv, S, 1]: one 4-byte load per token
@@ -716,7 +696,7 @@ def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Te
             *k_cache.stride()[:3], *kp32.stride()[:3], *v_cache.stride()[:3], *vp32.stride()[:3],
             D=D, BLOCK_N=cfg["block_n"], SPLIT=split, OUT_BF16=q.dtype == torch.bfloat16,
             INTERP_LOOP=interp, MAX_TILES=triton.cdiv(S, cfg["block_n"]) if interp else 1, FAST_UNPACK=not interp,
-            PREFETCH=cfg["prefetch"], ACC_ROWS=cfg["acc_rows"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch,
+            ACC_ROWS=cfg["acc_rows"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch,
         )
     else:
         _attn_fwd_kernel[(cfg["m_tiles"], B * Hkv, cfg["num_splits"])](

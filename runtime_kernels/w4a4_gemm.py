@@ -499,7 +499,7 @@ def w4a4_gemm(
     ``out``: optional preallocated [M, N] output of ``out_dtype``.
     ``x_unpacked``: xq is already int8 [M, G * g] holding 16 * code in natural channel order (what
     ``unpack_activations`` or a quantizer with ``x16=True`` writes); the kernel then loads it by TMA
-    straight into the MMA whatever the configuration says.
+    straight into the MMA whatever ``Config.x_unpacked`` says.
     """
     pw = prepared
     g = pw.group_size
@@ -537,17 +537,15 @@ def w4a4_gemm(
                 config = _TUNED[key] = _autotune((xq, xs, xo, xos, pw, bias, out), key, M, N, G, x_unpacked)
             else:
                 config = pick_config(M, N, G)
-    if x_unpacked:
-        config = dataclasses.replace(config, x_unpacked=True)
     _launch(xq, xs, xo, xos, pw, bias, out, config, x_given_unpacked=x_unpacked)
     return out
 
 
-def _use_ws(cfg: Config, nsplit: int, interp: bool) -> bool:
+def _use_ws(cfg: Config, nsplit: int, interp: bool, x_unpacked: bool) -> bool:
     """Triton 3.6's Hopper warp specialization splits the tile's rows over two consumer warpgroups only
     for block_n >= 128 (at 64 both consumers computed the whole tile) and fails to compile the in-kernel
     activation unpacking: use it only where it was seen to work."""
-    return cfg.ws and not interp and cfg.x_unpacked and cfg.block_n >= 128 and nsplit == 1
+    return cfg.ws and not interp and x_unpacked and cfg.block_n >= 128 and nsplit == 1
 
 
 def _launch(xq, xs, xo, xos, pw: PreparedWeight, bias, out, cfg: Config, x_given_unpacked: bool = False) -> None:
@@ -566,12 +564,9 @@ def _launch(xq, xs, xo, xos, pw: PreparedWeight, bias, out, cfg: Config, x_given
         part = torch.empty((nsplit, M, N), dtype=torch.float32, device=xq.device)
     else:
         part = out  # unused
-    if x_given_unpacked:
-        x_desc = TensorDescriptor.from_tensor(_aligned(xq), [cfg.block_m, half])
-    elif cfg.x_unpacked:
-        x_desc = TensorDescriptor.from_tensor(unpack_activations(xq, g), [cfg.block_m, half])
-    else:
-        x_desc = TensorDescriptor.from_tensor(_aligned(xq), [cfg.block_m, half])
+    x_unpacked = cfg.x_unpacked or x_given_unpacked  # the kernel reads int8 16 * code (given, or unpacked here)
+    x_in = unpack_activations(xq, g) if cfg.x_unpacked and not x_given_unpacked else _aligned(xq)
+    x_desc = TensorDescriptor.from_tensor(x_in, [cfg.block_m, half])
     w_desc = pw.descriptor(cfg.block_n)
     nout_p = max(32, _next_pow2(n_out)) if n_out else 0
     if n_out:
@@ -588,8 +583,8 @@ def _launch(xq, xs, xo, xos, pw: PreparedWeight, bias, out, cfg: Config, x_given
         xs.stride(0), xos.stride(0), out.stride(0),
         HALF=half, NOUT=nout_p,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SPLIT_K=split, GROUP_M=cfg.group_m,
-        NSPLIT=nsplit, ITERS=iters, K_TAIL=split * iters != G, WS=_use_ws(cfg, nsplit, interp),
-        X_UNPACKED=cfg.x_unpacked, HAS_BIAS=bias is not None, USE_ASM=not interp, MAGIC=cfg.magic,
+        NSPLIT=nsplit, ITERS=iters, K_TAIL=split * iters != G, WS=_use_ws(cfg, nsplit, interp, x_unpacked),
+        X_UNPACKED=x_unpacked, HAS_BIAS=bias is not None, USE_ASM=not interp, MAGIC=cfg.magic,
         DOT_FP8=cfg.dot_fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

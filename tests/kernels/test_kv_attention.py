@@ -126,11 +126,11 @@ def test_attention_split_kv(device, num_splits, max_seqlen):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("row_kernel,kw", [(True, {}), (True, dict(num_splits=3)), (False, {}),
-                                           (True, dict(block_n=64, num_warps=2, acc_rows=64, prefetch=True)),
+                                           (True, dict(block_n=64, num_warps=2, acc_rows=64)),
                                            (True, dict(block_n=64, num_warps=4, acc_rows=4))])
 def test_attention_mha_decode_paths(device, dtype, row_kernel, kw):
-    """T = 1 with MHA: the CUDA-core row kernel (the default there) in several configurations (split-KV, register
-    prefetch, per-slot accumulators folded to fewer rows), and the MMA path it replaces, on ragged lengths
+    """T = 1 with MHA: the CUDA-core row kernel (the default there) in several configurations (split-KV, per-slot
+    accumulators kept whole or folded to fewer rows), and the MMA path it replaces, on ragged lengths
     including a sequence with a single key."""
     g = _gen(5)
     B, H, D, S = 3, 3, 128, 150
