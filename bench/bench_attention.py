@@ -72,7 +72,7 @@ def _decode_rows(B, ctx, Hq, Hkv, D, dev, copy_gbs, sweep, sweep_gqa=True):
     if sweep and not gqa:
         configs += [(f"row BN={bn},warps={w},acc_rows={ar},splits={s}",
                      dict(block_n=bn, num_warps=w, acc_rows=ar, num_splits=s))
-                    for bn, w, ar in ((16, 1, 8), (32, 1, 8), (32, 1, 32), (64, 2, 16), (128, 4, 32))
+                    for bn, w, ar in ((16, 1, 8), (16, 1, 16), (32, 1, 8), (32, 1, 32), (32, 2, 16), (64, 2, 16), (128, 4, 32))
                     for s in (1, 2, 4)]
     for name, kw in configs:
         if kw:

@@ -379,45 +379,69 @@ def _attn_fwd_kernel(
         tl.store(o_ptr + o_off[:, None] + HALF + dd[None, :], out_hi.to(o_ptr.dtype.element_ty), mask=qmask)
 
 
+# Nibble unpacking for the row kernel (UNPACK): 0 int-to-float casts (the CPU interpreter); 1 exact on the GPU
+# (2^23 + c, minus 2^23); 2 offset on the GPU (128 + c: the callers take 128 out once per key; 16-bit queries).
+UNPACK_CAST, UNPACK_EXACT, UNPACK_OFFSET = 0, 1, 2
 _F32_NIBBLE_ASM = """
 {{
 .reg .b32 t, m;
-mov.b32 m, 0x4B000000;
+mov.b32 m, {magic};
 {shift}and.b32 t, t, 0x0F0F0F0F;
-prmt.b32 $0, t, m, 0x7440;
-prmt.b32 $1, t, m, 0x7441;
-prmt.b32 $2, t, m, 0x7442;
-prmt.b32 $3, t, m, 0x7443;
-sub.f32 $0, $0, 0f4B000000;
-sub.f32 $1, $1, 0f4B000000;
-sub.f32 $2, $2, 0f4B000000;
-sub.f32 $3, $3, 0f4B000000;
-}}
+prmt.b32 $0, t, m, {s0};
+prmt.b32 $1, t, m, {s1};
+prmt.b32 $2, t, m, {s2};
+prmt.b32 $3, t, m, {s3};
+{sub}}}
 """
-_ASM_F32_LO = tl.constexpr(_F32_NIBBLE_ASM.format(shift="mov.b32 t, $4;\n"))
-_ASM_F32_HI = tl.constexpr(_F32_NIBBLE_ASM.format(shift="shr.u32 t, $4, 4;\n"))
+_SHIFT_LO, _SHIFT_HI = "mov.b32 t, $4;\n", "shr.u32 t, $4, 4;\n"
+# exact: byte i in bits 0-7 under the exponent of 2^23 (0x4B0000cc = 2^23 + c), then 2^23 subtracted
+_EXACT_ASM = dict(magic="0x4B000000", s0="0x7440", s1="0x7441", s2="0x7442", s3="0x7443",
+                  sub="".join(f"sub.f32 ${i}, ${i}, 0f4B000000;\n" for i in range(4)))
+# offset: byte i in bits 16-23 under the exponent of 2^7 (bit 23 stays 0: 0x430c0000 = 128 + c), nothing subtracted
+_OFFSET_ASM = dict(magic="0x43000000", s0="0x7044", s1="0x7144", s2="0x7244", s3="0x7344", sub="")
+_ASM_EXACT_LO = tl.constexpr(_F32_NIBBLE_ASM.format(shift=_SHIFT_LO, **_EXACT_ASM))
+_ASM_EXACT_HI = tl.constexpr(_F32_NIBBLE_ASM.format(shift=_SHIFT_HI, **_EXACT_ASM))
+_ASM_OFFSET_LO = tl.constexpr(_F32_NIBBLE_ASM.format(shift=_SHIFT_LO, **_OFFSET_ASM))
+_ASM_OFFSET_HI = tl.constexpr(_F32_NIBBLE_ASM.format(shift=_SHIFT_HI, **_OFFSET_ASM))
 
 
 @triton.jit
-def _nibbles_f32(c, HI: tl.constexpr, FAST_UNPACK: tl.constexpr):
-    """uint8 codes -> their low (or high) nibbles as fp32 values 0..15.
+def _nibbles_f32(c, HI: tl.constexpr, UNPACK: tl.constexpr):
+    """uint8 codes -> their low (or high) nibbles n as fp32, plus ``_nibble_offset(UNPACK)``.
 
-    On the GPU, four bytes at a time: mask the nibbles (and.b32), place each byte under the exponent bits
-    of 2^23 (prmt: the fp32 bits 0x4B0000cc are 2^23 + c exactly) and subtract 2^23: two instructions per
-    element instead of a quarter-rate int-to-float conversion.
+    On the GPU, four bytes at a time: mask the nibbles (and.b32), then place each byte under the exponent bits
+    of a power of two with one prmt. UNPACK_EXACT: fp32 bits 0x4B0000cc = 2^23 + c, minus 2^23 (2 instructions
+    per element). UNPACK_OFFSET: bits 0x430c0000 = 128 + c (1.25-1.5 instructions per element: the 128 is linear,
+    so the callers subtract it once per key from a sum; that sum is up to ~20x larger than the result, so its
+    rounding error is ~20x an exact unpack's: kept for 16-bit queries, whose output rounding is far coarser).
+    A quarter-rate int-to-float conversion would be 1 + 3 issue slots.
     """
-    if FAST_UNPACK:
+    if UNPACK == 1:
         if HI:
-            return tl.inline_asm_elementwise(_ASM_F32_HI, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True,
+            return tl.inline_asm_elementwise(_ASM_EXACT_HI, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(_ASM_EXACT_LO, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True, pack=4)
+    elif UNPACK == 2:
+        if HI:
+            return tl.inline_asm_elementwise(_ASM_OFFSET_HI, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True,
                                              pack=4)
         else:
-            return tl.inline_asm_elementwise(_ASM_F32_LO, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True,
+            return tl.inline_asm_elementwise(_ASM_OFFSET_LO, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True,
                                              pack=4)
     else:
         if HI:
             return (c >> 4).to(tl.float32)
         else:
             return (c & 15).to(tl.float32)
+
+
+@triton.jit
+def _nibble_offset(UNPACK: tl.constexpr):
+    """What _nibbles_f32 adds to each nibble."""
+    if UNPACK == 2:
+        return 128.0
+    else:
+        return 0.0
 
 
 @triton.jit
@@ -433,9 +457,22 @@ def _fold_rows(x, ACC_ROWS: tl.constexpr):
 
 
 @triton.jit
+def _add_folded(acc, x):
+    """acc + _fold_rows(x, acc.shape[0]); with two rows per slot as acc + x0 + x1, so that products in x become FMAs."""
+    ACC_ROWS: tl.constexpr = acc.shape[0]
+    BLOCK_N: tl.constexpr = x.shape[0]
+    HALF: tl.constexpr = x.shape[1]
+    if BLOCK_N == 2 * ACC_ROWS:
+        x0, x1 = tl.split(tl.permute(tl.reshape(x, [2, ACC_ROWS, HALF]), (1, 2, 0)))
+        return acc + x0 + x1
+    else:
+        return acc + _fold_rows(x, ACC_ROWS)
+
+
+@triton.jit
 def _decode_row_block(start, n_end, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
                       kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
-                      HALF: tl.constexpr, BLOCK_N: tl.constexpr, FAST_UNPACK: tl.constexpr, ACC_ROWS: tl.constexpr):
+                      HALF: tl.constexpr, BLOCK_N: tl.constexpr, UNPACK: tl.constexpr, ACC_ROWS: tl.constexpr):
     """One tile of BLOCK_N keys for a single query row, on CUDA cores in fp32 (see _attn_decode_row_kernel).
 
     acc_lo / acc_hi are [ACC_ROWS, HALF] partial sums of the weighted values (key slot modulo ACC_ROWS), reduced
@@ -450,9 +487,11 @@ def _decode_row_block(start, n_end, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, a
     vt = tl.load(vc_base + slot[:, None] * stride_vcs + dd[None, :], mask=n_ok[:, None], other=0)
     k_scale, k_zero = _unpack_params(tl.load(kp_base + slot * stride_kps, mask=n_ok, other=0))
     v_scale, v_zero = _unpack_params(tl.load(vp_base + slot * stride_vps, mask=n_ok, other=0))  # 0 when masked
-    r = tl.sum(_nibbles_f32(kt, False, FAST_UNPACK) * q_lo[None, :] + _nibbles_f32(kt, True, FAST_UNPACK) * q_hi[None, :],
-               axis=1)
-    s = (r - qsum * k_zero) * (k_scale * qk_scale)
+    # the unpacked nibbles are off + c: q . (off + c) - (z + off) * sum(q) = q . c - z * sum(q)
+    off = _nibble_offset(UNPACK)
+    # (two sums: their in-thread parts are FMA chains)
+    r = tl.sum(_nibbles_f32(kt, False, UNPACK) * q_lo[None, :], axis=1) + tl.sum(_nibbles_f32(kt, True, UNPACK) * q_hi[None, :], axis=1)
+    s = (r - qsum * (k_zero + off)) * (k_scale * qk_scale)
     s = tl.where(n_ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=0))
     if m_new > m_i:
@@ -465,9 +504,9 @@ def _decode_row_block(start, n_end, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, a
     p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i))
     l_i = l_i + tl.sum(p, axis=0)
     ps = p * v_scale
-    acc_lo = acc_lo + _fold_rows(ps[:, None] * _nibbles_f32(vt, False, FAST_UNPACK), ACC_ROWS)
-    acc_hi = acc_hi + _fold_rows(ps[:, None] * _nibbles_f32(vt, True, FAST_UNPACK), ACC_ROWS)
-    z_i = z_i + tl.sum(ps * v_zero, axis=0)
+    acc_lo = _add_folded(acc_lo, ps[:, None] * _nibbles_f32(vt, False, UNPACK))
+    acc_hi = _add_folded(acc_hi, ps[:, None] * _nibbles_f32(vt, True, UNPACK))
+    z_i = z_i + tl.sum(ps * (v_zero + off), axis=0)  # sum p s (off + c) - sum p s (z + off)
     return m_i, l_i, z_i, acc_lo, acc_hi
 
 
@@ -479,7 +518,7 @@ def _attn_decode_row_kernel(
     stride_kcb, stride_kch, stride_kcs, stride_kpb, stride_kph, stride_kps,
     stride_vcb, stride_vch, stride_vcs, stride_vpb, stride_vph, stride_vps,
     D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, OUT_BF16: tl.constexpr,
-    INTERP_LOOP: tl.constexpr, MAX_TILES: tl.constexpr, FAST_UNPACK: tl.constexpr, ACC_ROWS: tl.constexpr,
+    INTERP_LOOP: tl.constexpr, MAX_TILES: tl.constexpr, UNPACK: tl.constexpr, ACC_ROWS: tl.constexpr,
 ):
     """Decode with one query row per KV head (T = 1, MHA): CUDA cores instead of tensor cores.
 
@@ -512,13 +551,13 @@ def _attn_decode_row_kernel(
             m_i, l_i, z_i, acc_lo, acc_hi = _decode_row_block(
                 n_lo + it * BLOCK_N, n_end, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
                 kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
-                HALF, BLOCK_N, FAST_UNPACK, ACC_ROWS)
+                HALF, BLOCK_N, UNPACK, ACC_ROWS)
     else:
         for start in range(n_lo, n_end, BLOCK_N):
             m_i, l_i, z_i, acc_lo, acc_hi = _decode_row_block(
                 start, n_end, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
                 kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
-                HALF, BLOCK_N, FAST_UNPACK, ACC_ROWS)
+                HALF, BLOCK_N, UNPACK, ACC_ROWS)
     acc_lo = tl.sum(acc_lo, axis=0) - z_i
     acc_hi = tl.sum(acc_hi, axis=0) - z_i
     if SPLIT:  # partials [splits, B, 1, Hq, D] and [splits, B, 1, Hq, 2], as _attn_fwd_kernel writes them
@@ -695,7 +734,8 @@ def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Te
             q.stride(0), o.stride(0),
             *k_cache.stride()[:3], *kp32.stride()[:3], *v_cache.stride()[:3], *vp32.stride()[:3],
             D=D, BLOCK_N=cfg["block_n"], SPLIT=split, OUT_BF16=q.dtype == torch.bfloat16,
-            INTERP_LOOP=interp, MAX_TILES=triton.cdiv(S, cfg["block_n"]) if interp else 1, FAST_UNPACK=not interp,
+            INTERP_LOOP=interp, MAX_TILES=triton.cdiv(S, cfg["block_n"]) if interp else 1,
+            UNPACK=UNPACK_CAST if interp else UNPACK_EXACT if fp32 else UNPACK_OFFSET,
             ACC_ROWS=cfg["acc_rows"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch,
         )
     else:
