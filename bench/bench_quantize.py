@@ -116,11 +116,11 @@ def main(argv=None):
     w = (torch.rand(K, device=dev) + 0.5).to(torch.bfloat16)
     perm = torch.randperm(K, device=dev)
     qargs = ("int4", g, n_out, "int8", CLIP)
-    sweep = []
+    sweep = [("one row per gather (pairs=False)", lambda: rms_norm_quant(x, w, EPS, perm, *qargs, pairs=False))]
     if args.sweep:
-        sweep = [(f"rows={r},warps={nw}", (lambda r=r, nw=nw: rms_norm_quant(x, w, EPS, perm, *qargs,
-                                                                            rows_per_program=r, num_warps=nw)))
-                 for r in (1, 2, 4, 8) for nw in (4, 8, 16)]
+        sweep += [(f"rows={r},warps={nw}", (lambda r=r, nw=nw: rms_norm_quant(x, w, EPS, perm, *qargs,
+                                                                             rows_per_program=r, num_warps=nw)))
+                  for r in (2, 4, 8, 16, 32, 64) for nw in (4, 8, 16)]
     rows += _time(lambda: rms_norm_quant(x, w, EPS, perm, *qargs),
                   lambda: ops.rms_norm_quant_reference(x, w, EPS, perm, *qargs),
                   lambda: ops.rms_norm_quant_reference(*_cpu_rows(x, w), EPS, perm.cpu(), *qargs),
@@ -128,11 +128,11 @@ def main(argv=None):
                   "rms_norm_quant", f"{M}x{K}", lambda o, r: _check(o, r, g, False), sweep)
 
     # --- gather + quantize (o_proj input)
-    sweep = []
+    sweep = [("one row per gather (pairs=False)", lambda: gather_quant(x, perm, *qargs, pairs=False))]
     if args.sweep:
-        sweep = [(f"rows={r},warps={nw}", (lambda r=r, nw=nw: gather_quant(x, perm, *qargs, rows_per_program=r,
-                                                                          num_warps=nw)))
-                 for r in (1, 4, 8) for nw in (4, 8, 16)]
+        sweep += [(f"rows={r},warps={nw}", (lambda r=r, nw=nw: gather_quant(x, perm, *qargs, rows_per_program=r,
+                                                                           num_warps=nw)))
+                  for r in (2, 4, 8, 16, 32, 64) for nw in (4, 8, 16)]
     rows += _time(lambda: gather_quant(x, perm, *qargs), lambda: ops.gather_quant_reference(x, perm, *qargs),
                   lambda: ops.gather_quant_reference(*_cpu_rows(x, perm), *qargs),
                   _bytes(M, K, n_out, g, 1, K * perm.element_size()), copy_gbs,

@@ -28,9 +28,10 @@ the reference run on a GPU is itself one ulp off its definition now and then):
   bit-exact (tested on thousands of rows on the GPU).
 - ``rms_norm_quant``: the sum of squares is reduced in another order than torch's and rsqrt is the
   device's, so rstd can differ from the reference's by a few fp32 ulps. After the cast to the input
-  dtype that rarely changes a normalized value, and then by one unit in its last place. Bound
-  (tested): every code within one of the reference's and fewer than 0.1% differ; every scale within
-  a relative 2^-7 (bf16), 2^-10 (fp16), 2^-20 (fp32) of the reference's, and for bf16 / fp16 at most
+  dtype that rarely changes a normalized value, and then by one unit in its last place, which the
+  weight (up to 2) can turn into two units of weight * normed. Bound (tested): every code within one of
+  the reference's and fewer than 0.1% differ; every scale within a relative 2^-6 (bf16), 2^-9 (fp16),
+  2^-20 (fp32) of the reference's (two units in the last place), and for bf16 / fp16 at most
   max(1, 0.1%) of the scales not bit-equal (measured on the H200 and the interpreter: none differ in
   the bench / test shapes for bf16).
 - ``silu_mul_quant``: SiLU is x / (1 + exp(-x)) with the device's fast exp and division (numpy's under
@@ -137,6 +138,38 @@ def _int8_outliers(y, o_ptrs, os_ptr, omask, row_ok, NATIVE: tl.constexpr):
 
 # ============================================================================ whole-row kernel
 @triton.jit
+def _bits16_to_f32(v, X_DTYPE: tl.constexpr):
+    """A 16-bit float's bits in the low half of int32 v -> its value in fp32 (exact)."""
+    if X_DTYPE == tl.bfloat16:
+        return (v << 16).to(tl.float32, bitcast=True)
+    else:
+        return (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _quantize_gathered_row(y_lo, y_hi, y_o, rstd, w_lo, w_hi, w_o, row, M, clip,
+                           q_ptr, s_ptr, o_ptr, os_ptr, stride_qm, stride_sm, stride_om, stride_osm,
+                           gi, qcol, mask2d, gmask, offs_o,
+                           NORM: tl.constexpr, X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, N_OUT: tl.constexpr,
+                           NATIVE: tl.constexpr, X16: tl.constexpr, HALF: tl.constexpr):
+    """The gathered row (input values: [G, g/2] low / high halves of each group, the outliers) -> RMSNorm's
+    round(weight * round(x * rstd)) when NORM (elementwise, so the same after the gather as before it) ->
+    INT4 groups and the INT8 outlier group, stored."""
+    rmask = row < M
+    row64 = row.to(tl.int64)
+    if NORM:
+        y_lo = _round_to(w_lo * _round_to(y_lo * rstd, X_DTYPE, NATIVE), Y_DTYPE, NATIVE)
+        y_hi = _round_to(w_hi * _round_to(y_hi * rstd, X_DTYPE, NATIVE), Y_DTYPE, NATIVE)
+    _int4_group_codes(y_lo, y_hi, clip, s_ptr + row64 * stride_sm + gi, q_ptr + row64 * stride_qm + qcol,
+                      mask2d & rmask, gmask & rmask, NATIVE, X16, HALF)
+    if N_OUT > 0:
+        if NORM:
+            y_o = _round_to(w_o * _round_to(y_o * rstd, X_DTYPE, NATIVE), Y_DTYPE, NATIVE)
+        _int8_outliers(y_o, o_ptr + row64 * stride_om + offs_o, os_ptr + row64 * stride_osm,
+                       (offs_o < N_OUT) & rmask, rmask, NATIVE)
+
+
+@triton.jit
 def _row_gather_quant_kernel(
     x_ptr, w_ptr, perm_ptr, q_ptr, s_ptr, o_ptr, os_ptr,
     M, K, stride_xm, stride_qm, stride_sm, stride_om, stride_osm,
@@ -146,16 +179,19 @@ def _row_gather_quant_kernel(
     X_DTYPE: tl.constexpr,  # the normalized row is rounded to the input dtype (as _rms_norm does) ...
     Y_DTYPE: tl.constexpr,  # ... and weight * normed to promote(weight, input)
     K_PAD: tl.constexpr, GROUP: tl.constexpr, N_GROUPS: tl.constexpr, G_PAD: tl.constexpr,
-    N_OUT: tl.constexpr, ROWS: tl.constexpr, NATIVE: tl.constexpr, W_PER_ROW: tl.constexpr,
+    N_OUT: tl.constexpr, ROWS: tl.constexpr, NATIVE: tl.constexpr,
     X16: tl.constexpr,  # write 16 * code as int8 in channel order instead of packed nibbles
+    PAIRS: tl.constexpr,  # 16-bit input: gather two rows at once, their bits packed in one int32
 ):
-    """One row (token) of x in registers: statistics, gather by perm (tl.gather), quantize, store.
+    """Rows (tokens) of x in registers: statistics, gather by perm (tl.gather), quantize, store.
 
-    Programs take ROWS consecutive rows so that the gather indices and the weight, loaded once, are
-    reused; the next row's load is issued before the current row is processed (two rows in flight per
-    program). Grid: (cdiv(M, ROWS),).
+    The gather moves the raw input (the RMSNorm maths is elementwise, so it runs on the gathered values); with
+    PAIRS the bits of two rows share one int32, so one gather (a shared-memory round trip with barriers) serves
+    two rows. Programs take ROWS consecutive rows so that the gather indices and the weight, loaded once, are
+    reused; the next row (pair) is loaded before the current one is processed. Grid: (cdiv(M, ROWS),).
     """
     HALF: tl.constexpr = GROUP // 2
+    STEP: tl.constexpr = 2 if PAIRS else 1
     pid = tl.program_id(0)
     offs_k = tl.arange(0, K_PAD)
     kmask = offs_k < K
@@ -176,15 +212,19 @@ def _row_gather_quant_kernel(
         src_hi = tl.where(mask2d, ch_hi, 0)
     src_lo = tl.reshape(src_lo, [G_PAD * HALF])
     src_hi = tl.reshape(src_hi, [G_PAD * HALF])
-    if NORM and not W_PER_ROW:
+    w_lo = 0.0
+    w_hi = 0.0
+    w_o = 0.0
+    if NORM:
         w_lo = tl.load(w_ptr + ch_lo, mask=mask2d, other=0).to(tl.float32)
         w_hi = tl.load(w_ptr + ch_hi, mask=mask2d, other=0).to(tl.float32)
     if X16:
         qcol = gi[:, None] * GROUP + jj[None, :]  # offset of the group's low half in the int8 row
     else:
         qcol = gi[:, None] * HALF + jj[None, :]  # byte offset in the packed row
+    offs_o = tl.arange(0, N_OUT if N_OUT > 0 else 1)
+    src_o = offs_o
     if N_OUT > 0:
-        offs_o = tl.arange(0, N_OUT)
         ch_o = N_GROUPS * GROUP + offs_o
         if HAS_PERM:
             src_o = tl.load(perm_ptr + ch_o).to(tl.int32)
@@ -193,36 +233,50 @@ def _row_gather_quant_kernel(
         if NORM:
             w_o = tl.load(w_ptr + ch_o).to(tl.float32)
     row0 = pid * ROWS
-    x_next = tl.load(x_ptr + row0.to(tl.int64) * stride_xm + offs_k, mask=kmask & (row0 < M), other=0.0)
-    for r in range(ROWS):
+    xa_next = tl.load(x_ptr + row0.to(tl.int64) * stride_xm + offs_k, mask=kmask & (row0 < M), other=0.0)
+    if PAIRS:
+        xb_next = tl.load(x_ptr + (row0 + 1).to(tl.int64) * stride_xm + offs_k, mask=kmask & (row0 + 1 < M),
+                          other=0.0)
+    for r in range(0, ROWS, STEP):
         row = row0 + r
-        rmask = row < M
-        row64 = row.to(tl.int64)
-        x = x_next.to(tl.float32)
-        nxt = row + 1
-        x_next = tl.load(x_ptr + nxt.to(tl.int64) * stride_xm + offs_k, mask=kmask & (nxt < M) & (r + 1 < ROWS),
-                         other=0.0)
-        if NORM:
-            var = tl.sum(x * x, axis=0) / K
-            rstd = tl.math.rsqrt(var + eps)
-            x = _round_to(x * rstd, X_DTYPE, NATIVE)
-        y_lo = tl.reshape(tl.gather(x, src_lo, 0), [G_PAD, HALF])
-        y_hi = tl.reshape(tl.gather(x, src_hi, 0), [G_PAD, HALF])
-        if NORM:
-            if W_PER_ROW:  # re-read from L1 each row: fewer registers, more programs per SM
-                y_lo = _round_to(tl.load(w_ptr + ch_lo, mask=mask2d, other=0).to(tl.float32) * y_lo, Y_DTYPE, NATIVE)
-                y_hi = _round_to(tl.load(w_ptr + ch_hi, mask=mask2d, other=0).to(tl.float32) * y_hi, Y_DTYPE, NATIVE)
-            else:
-                y_lo = _round_to(w_lo * y_lo, Y_DTYPE, NATIVE)
-                y_hi = _round_to(w_hi * y_hi, Y_DTYPE, NATIVE)
-        _int4_group_codes(y_lo, y_hi, clip, s_ptr + row64 * stride_sm + gi, q_ptr + row64 * stride_qm + qcol,
-                          mask2d & rmask, gmask & rmask, NATIVE, X16, HALF)
-        if N_OUT > 0:
-            y_o = tl.gather(x, src_o, 0)
+        xa = xa_next
+        nxt = row + STEP
+        xa_next = tl.load(x_ptr + nxt.to(tl.int64) * stride_xm + offs_k, mask=kmask & (nxt < M) & (r + STEP < ROWS),
+                          other=0.0)
+        rstd_a = 1.0
+        rstd_b = 1.0
+        if PAIRS:
+            xb = xb_next
+            xb_next = tl.load(x_ptr + (nxt + 1).to(tl.int64) * stride_xm + offs_k,
+                              mask=kmask & (nxt + 1 < M) & (r + STEP < ROWS), other=0.0)
+            bits = (xb.to(tl.int16, bitcast=True).to(tl.int32) << 16) | \
+                (xa.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
             if NORM:
-                y_o = _round_to(w_o * y_o, Y_DTYPE, NATIVE)
-            _int8_outliers(y_o, o_ptr + row64 * stride_om + offs_o, os_ptr + row64 * stride_osm,
-                           (offs_o < N_OUT) & rmask, rmask, NATIVE)
+                fa = xa.to(tl.float32)
+                fb = xb.to(tl.float32)
+                rstd_a = tl.math.rsqrt(tl.sum(fa * fa, axis=0) / K + eps)
+                rstd_b = tl.math.rsqrt(tl.sum(fb * fb, axis=0) / K + eps)
+            g_lo = tl.reshape(tl.gather(bits, src_lo, 0), [G_PAD, HALF])
+            g_hi = tl.reshape(tl.gather(bits, src_hi, 0), [G_PAD, HALF])
+            g_o = tl.gather(bits, src_o, 0) if N_OUT > 0 else offs_o
+            _quantize_gathered_row(_bits16_to_f32(g_lo, X_DTYPE), _bits16_to_f32(g_hi, X_DTYPE),
+                                   _bits16_to_f32(g_o, X_DTYPE), rstd_a, w_lo, w_hi, w_o, row, M, clip,
+                                   q_ptr, s_ptr, o_ptr, os_ptr, stride_qm, stride_sm, stride_om, stride_osm,
+                                   gi, qcol, mask2d, gmask, offs_o, NORM, X_DTYPE, Y_DTYPE, N_OUT, NATIVE, X16, HALF)
+            _quantize_gathered_row(_bits16_to_f32(g_lo >> 16, X_DTYPE), _bits16_to_f32(g_hi >> 16, X_DTYPE),
+                                   _bits16_to_f32(g_o >> 16, X_DTYPE), rstd_b, w_lo, w_hi, w_o, row + 1, M, clip,
+                                   q_ptr, s_ptr, o_ptr, os_ptr, stride_qm, stride_sm, stride_om, stride_osm,
+                                   gi, qcol, mask2d, gmask, offs_o, NORM, X_DTYPE, Y_DTYPE, N_OUT, NATIVE, X16, HALF)
+        else:
+            x = xa.to(tl.float32)
+            if NORM:
+                rstd_a = tl.math.rsqrt(tl.sum(x * x, axis=0) / K + eps)
+            _quantize_gathered_row(tl.reshape(tl.gather(x, src_lo, 0), [G_PAD, HALF]),
+                                   tl.reshape(tl.gather(x, src_hi, 0), [G_PAD, HALF]),
+                                   tl.gather(x, src_o, 0) if N_OUT > 0 else x,
+                                   rstd_a, w_lo, w_hi, w_o, row, M, clip,
+                                   q_ptr, s_ptr, o_ptr, os_ptr, stride_qm, stride_sm, stride_om, stride_osm,
+                                   gi, qcol, mask2d, gmask, offs_o, NORM, X_DTYPE, Y_DTYPE, N_OUT, NATIVE, X16, HALF)
 
 
 # ============================================================================ SiLU * up, chunked
@@ -340,7 +394,7 @@ def _num_sms(device) -> int:
 
 
 def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_format, clip, norm,
-                rows_per_program=None, num_warps=None, maxnreg=None, w_per_row=False, x16=False):
+                rows_per_program=None, num_warps=None, maxnreg=None, x16=False, pairs=None):
     lead = x.shape[:-1]
     x2 = _rows2d(x)
     M = x2.shape[0]
@@ -365,6 +419,12 @@ def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_fo
         rows_per_program = 1
         while rows_per_program < 64 and M >= rows_per_program * 2 * 2 * _num_sms(x.device):
             rows_per_program *= 2
+    if pairs is None:  # (decode-sized M keeps one row per program and more warps per row)
+        pairs = x.element_size() == 2 and rows_per_program >= 2
+    if pairs and x.element_size() != 2:
+        raise ValueError("pairs: 16-bit inputs only")
+    if pairs:
+        rows_per_program = max(2, rows_per_program)
     if num_warps is None:
         num_warps = 4 if K_PAD <= 4096 else 8
         if M <= _num_sms(x.device):  # few rows (decode): more warps per row (H100, 64 x 4096: 4.0 vs 4.3 us)
@@ -376,35 +436,36 @@ def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_fo
         float(eps), float(clip),
         NORM=norm, HAS_PERM=perm is not None, X_DTYPE=_TL_DTYPES[x.dtype], Y_DTYPE=_TL_DTYPES[ydt],
         K_PAD=K_PAD, GROUP=group_size, N_GROUPS=n_groups, G_PAD=G_PAD, N_OUT=n_out, ROWS=rows_per_program,
-        NATIVE=not _interpreting(), W_PER_ROW=w_per_row, X16=x16, num_warps=num_warps, **_EXACT, **_maxnreg(maxnreg),
+        NATIVE=not _interpreting(), X16=x16, PAIRS=pairs, num_warps=num_warps, **_EXACT, **_maxnreg(maxnreg),
     )
     return _shape(lead, q, scales, outl, os_)
 
 
 def rms_norm_quant(x: Tensor, weight: Tensor, eps: float, perm: Tensor | None, fmt: str, group_size: int,
                    n_outliers: int, outlier_format: str, clip: float, *, rows_per_program: int | None = None,
-                   num_warps: int | None = None, maxnreg: int | None = None, w_per_row: bool = False,
-                   x16: bool = False):
+                   num_warps: int | None = None, maxnreg: int | None = None, x16: bool = False,
+                   pairs: bool | None = None):
     """RMSNorm (fp32 statistics, cast to x.dtype, times weight) + gather by perm + INT4/INT8 quantization.
 
     Same contract as ``ops.rms_norm_quant_reference``; returns (q, scales, outliers, outlier_scales).
     One program holds a whole row in registers: one read of x, one write of each output.
     ``x16``: q is int8 [..., Kn] holding 16 * code in channel order (the W4A4 GEMM's ``x_unpacked`` input)
-    instead of the packed nibbles.
+    instead of the packed nibbles. ``pairs`` (default: 16-bit inputs): gather two rows per shared-memory round
+    trip; False for the one-row path (A/B timing).
     """
     K, n_groups = _check(x, fmt, group_size, n_outliers, outlier_format)
     return _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_outliers, outlier_format, clip, True,
-                       rows_per_program, num_warps, maxnreg, w_per_row, x16)
+                       rows_per_program, num_warps, maxnreg, x16, pairs)
 
 
 def gather_quant(x: Tensor, perm: Tensor, fmt: str, group_size: int, n_outliers: int, outlier_format: str,
                  clip: float, *, rows_per_program: int | None = None, num_warps: int | None = None,
-                 maxnreg: int | None = None, x16: bool = False):
+                 maxnreg: int | None = None, x16: bool = False, pairs: bool | None = None):
     """x[..., perm] quantized per token (the o_proj input). Same contract as ``ops.gather_quant_reference``;
-    bit-exact. ``x16``: as in ``rms_norm_quant``."""
+    bit-exact. ``x16``, ``pairs``: as in ``rms_norm_quant``."""
     K, n_groups = _check(x, fmt, group_size, n_outliers, outlier_format)
     return _row_launch(x, None, 0.0, perm, K, n_groups, group_size, n_outliers, outlier_format, clip, False,
-                       rows_per_program, num_warps, maxnreg, x16=x16)
+                       rows_per_program, num_warps, maxnreg, x16=x16, pairs=pairs)
 
 
 def silu_mul_quant(gate: Tensor, up: Tensor, fmt: str, group_size: int, n_outliers: int, outlier_format: str,

@@ -8,9 +8,10 @@ its fp32 reciprocal, so the reference run on a GPU can give scales 1 ulp off the
 Stated bounds (runtime_kernels/quantize.py explains them):
 - gather_quant: bit-exact.
 - rms_norm_quant and silu_mul_quant: every code within one of the reference's and fewer than 0.1% of
-  them off; scales within a relative 2^-7 (bf16), 2^-10 (fp16), 2^-20 (fp32) of the reference's (one
-  unit in the last place of the rounded absmax), and for bf16 / fp16 at most max(1, 0.1%) of the
-  scales not bit-equal.
+  them off; scales within a relative 2^-6 (bf16), 2^-9 (fp16), 2^-20 (fp32) of the reference's (two
+  units in the last place of the rounded absmax: a normalized value one unit off, times a weight up to 2,
+  can round two units away; seen with fp16 in test_row_pairs), and for bf16 / fp16 at most max(1, 0.1%)
+  of the scales not bit-equal.
 """
 
 import pytest
@@ -22,7 +23,7 @@ from atom_compile.runtime_kernels.quantize import gather_quant, rms_norm_quant, 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # (hidden, group_size, n_outliers): SmolLM2's 576 = 512 + 64, Llama's 4096 and 11008, a 1536 with 11 groups
 SHAPES = [(576, 128, 64), (576, 64, 0), (1536, 128, 128), (4096, 128, 128), (11008, 64, 128)]
-SCALE_RTOL = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-20}
+SCALE_RTOL = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9, torch.float32: 2.0**-20}
 
 
 def _rows(M, K, dtype, device, seed):
@@ -145,6 +146,35 @@ def test_gather_quant_bit_exact_many_rows(device):
     for g in (64, 128):
         out = gather_quant(x, perm, "int4", g, 64, "int8", 0.9)
         _assert_exact(out, _ref(ops.gather_quant_reference, x, perm, "int4", g, 64, "int8", 0.9))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K,g,n_out,rows", [(1536, 128, 128, 2), (576, 64, 0, 4), (576, 128, 64, 8)])
+def test_row_pairs(device, dtype, K, g, n_out, rows):
+    """Two rows per gather (their 16-bit patterns packed in one int32; the default from a few hundred rows on),
+    forced here on an odd number of rows: rms_norm_quant within its bound, gather_quant bit-exact, both with
+    packed and x16 outputs; equal to the one-row path. fp32 input cannot be paired."""
+    M = 7
+    x = _rows(M, K, dtype, device, seed=K + rows)
+    gen = torch.Generator().manual_seed(rows)
+    w = (torch.rand(K, generator=gen) + 0.5).to(dtype).to(device)
+    perm = torch.randperm(K, generator=gen).to(device)
+    qargs = ("int4", g, n_out, "int8", 0.9)
+    ref_norm = _ref(ops.rms_norm_quant_reference, x, w, 1e-5, perm, *qargs)
+    ref_gather = _ref(ops.gather_quant_reference, x, perm, *qargs)
+    for x16 in (False, True):
+        kw = dict(rows_per_program=rows, x16=x16)
+        norm_pairs = rms_norm_quant(x, w, 1e-5, perm, *qargs, pairs=True, **kw)
+        gather_pairs = gather_quant(x, perm, *qargs, pairs=True, **kw)
+        for a, b in zip(norm_pairs, rms_norm_quant(x, w, 1e-5, perm, *qargs, pairs=False, **kw)):
+            assert torch.equal(a, b)
+        for a, b in zip(gather_pairs, gather_quant(x, perm, *qargs, pairs=False, **kw)):
+            assert torch.equal(a, b)
+        if not x16:
+            _assert_bounded(norm_pairs, ref_norm, dtype, g)
+            _assert_exact(gather_pairs, ref_gather)
+    with pytest.raises(ValueError, match="16-bit"):
+        gather_quant(x.float(), perm, *qargs, pairs=True)
 
 
 @pytest.mark.parametrize("g", [64, 128])
