@@ -210,8 +210,9 @@ def _row_gather_quant_kernel(
     else:
         src_lo = tl.where(mask2d, ch_lo, 0)
         src_hi = tl.where(mask2d, ch_hi, 0)
-    src_lo = tl.reshape(src_lo, [G_PAD * HALF])
-    src_hi = tl.reshape(src_hi, [G_PAD * HALF])
+    # one gather for both halves: (low, high) index pairs side by side (join puts each pair in one thread, so the
+    # gathered pairs split back into halves in registers)
+    src_pairs = tl.reshape(tl.join(src_lo, src_hi), [G_PAD * GROUP])
     w_lo = 0.0
     w_hi = 0.0
     w_o = 0.0
@@ -256,24 +257,30 @@ def _row_gather_quant_kernel(
                 fb = xb.to(tl.float32)
                 rstd_a = tl.math.rsqrt(tl.sum(fa * fa, axis=0) / K + eps)
                 rstd_b = tl.math.rsqrt(tl.sum(fb * fb, axis=0) / K + eps)
-            g_lo = tl.reshape(tl.gather(bits, src_lo, 0), [G_PAD, HALF])
-            g_hi = tl.reshape(tl.gather(bits, src_hi, 0), [G_PAD, HALF])
-            g_o = tl.gather(bits, src_o, 0) if N_OUT > 0 else offs_o
-            _quantize_gathered_row(_bits16_to_f32(g_lo, X_DTYPE), _bits16_to_f32(g_hi, X_DTYPE),
-                                   _bits16_to_f32(g_o, X_DTYPE), rstd_a, w_lo, w_hi, w_o, row, M, clip,
+            g_lo, g_hi = tl.split(tl.reshape(tl.gather(bits, src_pairs, 0), [G_PAD, HALF, 2]))
+            yo_a = 0.0
+            yo_b = 0.0
+            if N_OUT > 0:  # the outlier channels straight from the rows just read (L1), not another shared-memory pass
+                yo_a = tl.load(x_ptr + row.to(tl.int64) * stride_xm + src_o, mask=row < M, other=0.0).to(tl.float32)
+                yo_b = tl.load(x_ptr + (row + 1).to(tl.int64) * stride_xm + src_o, mask=row + 1 < M,
+                               other=0.0).to(tl.float32)
+            _quantize_gathered_row(_bits16_to_f32(g_lo, X_DTYPE), _bits16_to_f32(g_hi, X_DTYPE), yo_a,
+                                   rstd_a, w_lo, w_hi, w_o, row, M, clip,
                                    q_ptr, s_ptr, o_ptr, os_ptr, stride_qm, stride_sm, stride_om, stride_osm,
                                    gi, qcol, mask2d, gmask, offs_o, NORM, X_DTYPE, Y_DTYPE, N_OUT, NATIVE, X16, HALF)
-            _quantize_gathered_row(_bits16_to_f32(g_lo >> 16, X_DTYPE), _bits16_to_f32(g_hi >> 16, X_DTYPE),
-                                   _bits16_to_f32(g_o >> 16, X_DTYPE), rstd_b, w_lo, w_hi, w_o, row + 1, M, clip,
+            _quantize_gathered_row(_bits16_to_f32(g_lo >> 16, X_DTYPE), _bits16_to_f32(g_hi >> 16, X_DTYPE), yo_b,
+                                   rstd_b, w_lo, w_hi, w_o, row + 1, M, clip,
                                    q_ptr, s_ptr, o_ptr, os_ptr, stride_qm, stride_sm, stride_om, stride_osm,
                                    gi, qcol, mask2d, gmask, offs_o, NORM, X_DTYPE, Y_DTYPE, N_OUT, NATIVE, X16, HALF)
         else:
             x = xa.to(tl.float32)
             if NORM:
                 rstd_a = tl.math.rsqrt(tl.sum(x * x, axis=0) / K + eps)
-            _quantize_gathered_row(tl.reshape(tl.gather(x, src_lo, 0), [G_PAD, HALF]),
-                                   tl.reshape(tl.gather(x, src_hi, 0), [G_PAD, HALF]),
-                                   tl.gather(x, src_o, 0) if N_OUT > 0 else x,
+            y_lo, y_hi = tl.split(tl.reshape(tl.gather(x, src_pairs, 0), [G_PAD, HALF, 2]))
+            y_o = 0.0
+            if N_OUT > 0:
+                y_o = tl.load(x_ptr + row.to(tl.int64) * stride_xm + src_o, mask=row < M, other=0.0).to(tl.float32)
+            _quantize_gathered_row(y_lo, y_hi, y_o,
                                    rstd_a, w_lo, w_hi, w_o, row, M, clip,
                                    q_ptr, s_ptr, o_ptr, os_ptr, stride_qm, stride_sm, stride_om, stride_osm,
                                    gi, qcol, mask2d, gmask, offs_o, NORM, X_DTYPE, Y_DTYPE, N_OUT, NATIVE, X16, HALF)
