@@ -637,7 +637,8 @@ def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, 
         row_kernel = rows == 1 and ROW_KERNEL
     if row_kernel:
         # H100 sweep (bench_attention --sweep, MHA B=64 ctx=2048): 16 keys per tile and one warp per program were
-        # fastest (248 us vs 270-515 us for 2-8 warps or 32-128 keys; a register prefetch of the next tile was slower)
+        # fastest (216 us vs 220-333 us for other tiles / warps / splits; a register prefetch of the next tile was
+        # slower in the first version's sweep)
         block_n = block_n or 16
         num_warps = num_warps or 1
         if num_splits is None:  # one-warp programs: many per SM

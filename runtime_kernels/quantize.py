@@ -37,10 +37,10 @@ the reference run on a GPU is itself one ulp off its definition now and then):
 - ``silu_mul_quant``: SiLU is x / (1 + exp(-x)) with the device's fast exp and division (numpy's under
   the interpreter) against torch's: the same bound as ``rms_norm_quant``.
 
-Performance (H200, bf16, 16k tokens, bench/bench_quantize.py): silu_mul_quant at 75-77% of the copy
-bandwidth; rms_norm_quant 22% and gather_quant 29%: the channel gather (``tl.gather``) goes through
-shared memory with barriers around it, and one program per row group leaves the SM latency-bound. See
-docs/notes_quant_attention.md.
+Performance (H100, bf16, 16k x 4096, bench/bench_quantize.py): silu_mul_quant at 94% of the copy bandwidth;
+rms_norm_quant 51% and gather_quant 66%: the channel gather (``tl.gather``) goes through shared memory with
+barriers around it (two rows per round trip, see _row_gather_quant_kernel), and at ~32 instructions per element
+and 2 programs per SM the kernel is issue- and latency-bound. See docs/performance.md.
 """
 
 from __future__ import annotations
