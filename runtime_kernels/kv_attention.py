@@ -418,9 +418,11 @@ def _nibbles_f32(c, HI: tl.constexpr, UNPACK: tl.constexpr):
     """
     if UNPACK == 1:
         if HI:
-            return tl.inline_asm_elementwise(_ASM_EXACT_HI, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True, pack=4)
+            return tl.inline_asm_elementwise(_ASM_EXACT_HI, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True,
+                                             pack=4)
         else:
-            return tl.inline_asm_elementwise(_ASM_EXACT_LO, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True, pack=4)
+            return tl.inline_asm_elementwise(_ASM_EXACT_LO, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True,
+                                             pack=4)
     elif UNPACK == 2:
         if HI:
             return tl.inline_asm_elementwise(_ASM_OFFSET_HI, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True,
@@ -490,7 +492,8 @@ def _decode_row_block(start, n_end, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, a
     # the unpacked nibbles are off + c: q . (off + c) - (z + off) * sum(q) = q . c - z * sum(q)
     off = _nibble_offset(UNPACK)
     # (two sums: their in-thread parts are FMA chains)
-    r = tl.sum(_nibbles_f32(kt, False, UNPACK) * q_lo[None, :], axis=1) + tl.sum(_nibbles_f32(kt, True, UNPACK) * q_hi[None, :], axis=1)
+    r = tl.sum(_nibbles_f32(kt, False, UNPACK) * q_lo[None, :], axis=1) + \
+        tl.sum(_nibbles_f32(kt, True, UNPACK) * q_hi[None, :], axis=1)
     s = (r - qsum * (k_zero + off)) * (k_scale * qk_scale)
     s = tl.where(n_ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=0))
