@@ -114,8 +114,10 @@ def _prefill_rows(B, T, cached, Hq, Hkv, D, dev, sweep):
     label = f"prefill B={B} T={T} cached={cached} Hq={Hq} Hkv={Hkv} D={D}"
     configs = [("default", {})]
     if sweep:
-        configs += [(f"BM={bm},BN={bn},warps={w}", dict(block_m=bm, block_n=bn, num_warps=w))
-                    for bm, bn, w in ((128, 64, 8), (128, 128, 8), (64, 64, 4), (128, 32, 4))]
+        configs += [(f"BM={bm},BN={bn},warps={w},stages={st}", dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st))
+                    for bm, bn, w, st in ((128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 2),
+                                          (64, 128, 4, 2), (64, 128, 4, 4), (64, 128, 8, 3), (128, 128, 4, 2),
+                                          (128, 64, 4, 3))]
     rows = []
     for name, kw in configs:
         if kw:
