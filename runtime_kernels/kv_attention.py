@@ -406,6 +406,12 @@ _ASM_OFFSET_HI = tl.constexpr(_F32_NIBBLE_ASM.format(shift=_SHIFT_HI, **_OFFSET_
 
 
 @triton.jit
+def _asm_nibbles_f32(c, ASM: tl.constexpr):
+    """One of the _ASM_* blocks above over uint8 codes, four bytes per block, four fp32 out."""
+    return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True, pack=4)
+
+
+@triton.jit
 def _nibbles_f32(c, HI: tl.constexpr, UNPACK: tl.constexpr):
     """uint8 codes -> their low (or high) nibbles n as fp32, plus ``_nibble_offset(UNPACK)``.
 
@@ -417,19 +423,9 @@ def _nibbles_f32(c, HI: tl.constexpr, UNPACK: tl.constexpr):
     A quarter-rate int-to-float conversion would be 1 + 3 issue slots.
     """
     if UNPACK == 1:
-        if HI:
-            return tl.inline_asm_elementwise(_ASM_EXACT_HI, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True,
-                                             pack=4)
-        else:
-            return tl.inline_asm_elementwise(_ASM_EXACT_LO, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True,
-                                             pack=4)
+        return _asm_nibbles_f32(c, _ASM_EXACT_HI if HI else _ASM_EXACT_LO)
     elif UNPACK == 2:
-        if HI:
-            return tl.inline_asm_elementwise(_ASM_OFFSET_HI, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True,
-                                             pack=4)
-        else:
-            return tl.inline_asm_elementwise(_ASM_OFFSET_LO, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True,
-                                             pack=4)
+        return _asm_nibbles_f32(c, _ASM_OFFSET_HI if HI else _ASM_OFFSET_LO)
     else:
         if HI:
             return (c >> 4).to(tl.float32)
