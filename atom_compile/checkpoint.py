@@ -36,7 +36,8 @@ GRAPHS = "atom_graphs.json"
 CONFIG = "atom_config.json"
 
 _BUILTINS = {"operator.getitem": operator.getitem, "operator.add": operator.add, "operator.mul": operator.mul}
-_ATEN = {"aten.linear.default", "aten.silu.default", "aten.mul.Tensor", "aten.index_select.default", "aten.add.Tensor"}
+_ATEN = {"aten.linear.default", "aten.silu.default", "aten.mul.Tensor", "aten.index_select.default", "aten.add.Tensor",
+         "aten.slice.Tensor"}
 
 
 class CheckpointError(ValueError):

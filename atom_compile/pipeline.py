@@ -10,6 +10,7 @@ from atom_compile.instruments import node_census
 from atom_compile.passes import (
     FuseDequantIntoGemm,
     FuseQuantIntoNorm,
+    FuseSiblingGemms,
     InsertQuantNodes,
     OutlierAnalysis,
     PassContext,
@@ -25,6 +26,7 @@ PIPELINE = [
     InsertQuantNodes,     # RTN/GPTQ weights, dynamic per-token activation quantizers
     FuseQuantIntoNorm,    # norm+quant, silu*mul+quant, gather+quant
     FuseDequantIntoGemm,  # dequant+linear -> quantized GEMM
+    FuseSiblingGemms,     # q/k/v and gate/up GEMMs on one input -> one GEMM each, sliced
     QuantizeKVCache,      # 4-bit K/V on write, attention over the quantized cache
 ]
 

@@ -3,7 +3,9 @@
 Random weights (speed only). Decode: batch 64, one new token per sequence, 1024 cached tokens. Prefill: 4096
 tokens of one sequence. Both layers run under CUDA graphs, as a serving engine's decode loop does; both use
 the same plain-PyTorch RMSNorm and RoPE outside the fused ops. The bf16 layer writes its new K/V into a bf16
-cache and attends with torch SDPA; ours is the compiled graph lowered to the Triton backend.
+cache and attends with torch SDPA; ours is the compiled graph lowered to the Triton backend. Two bf16 layers: the
+linears as transformers holds them (bf16_us, "speedup") and with q/k/v and gate/up each one GEMM over concatenated
+weights, as vLLM serves them (bf16_fused_us, "speedup_vs_fused"); ours fuses them too (FuseSiblingGemms).
 
     python -m bench.bench_layer --out bench/results/layer_h100.json [--quick]
 """
@@ -27,7 +29,8 @@ from atom_compile.lowering import lower
 from atom_compile.models import check_architecture
 from atom_compile.ops import _rms_norm, rope_reference
 from atom_compile.passes import PassContext
-from atom_compile.pipeline import run_pipeline
+from atom_compile.passes import FuseSiblingGemms
+from atom_compile.pipeline import PIPELINE, run_pipeline
 from bench.common import bench_us, report
 
 DEV = "cuda"
@@ -52,10 +55,13 @@ def rotary(positions: torch.Tensor, D: int, base: float = 10000.0):
 class Bf16Layer:
     """The baseline a user would run: bf16 weights, cuBLAS GEMMs, SDPA over a bf16 KV cache."""
 
-    def __init__(self, layer: LlamaDecoderLayer, cfg: LlamaConfig):
+    def __init__(self, layer: LlamaDecoderLayer, cfg: LlamaConfig, fused: bool = False):
         a, m = layer.self_attn, layer.mlp
         self.w = {n: getattr(a, n).weight for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
         self.w.update({n: getattr(m, n).weight for n in ("gate_proj", "up_proj", "down_proj")})
+        # fused: q/k/v and gate/up as one GEMM each (concatenated weights, as vLLM serves them)
+        self.qkv = torch.cat([self.w[n] for n in ("q_proj", "k_proj", "v_proj")]) if fused else None
+        self.gate_up = torch.cat([self.w["gate_proj"], self.w["up_proj"]]) if fused else None
         self.n1, self.n2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
         self.eps = cfg.rms_norm_eps
         self.H, self.Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -64,9 +70,11 @@ class Bf16Layer:
     def __call__(self, x, cos, sin, k_cache, v_cache, start: int):
         B, T, _ = x.shape
         h = _rms_norm(x, self.n1, self.eps, None)
-        q = rope_reference(F.linear(h, self.w["q_proj"]), cos, sin)
-        k = rope_reference(F.linear(h, self.w["k_proj"]), cos, sin)
-        v = F.linear(h, self.w["v_proj"])
+        if self.qkv is not None:
+            q, k, v = F.linear(h, self.qkv).split([self.w[n].shape[0] for n in ("q_proj", "k_proj", "v_proj")], -1)
+        else:
+            q, k, v = (F.linear(h, self.w[n]) for n in ("q_proj", "k_proj", "v_proj"))
+        q, k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
         k_cache[:, :, start : start + T] = k.view(B, T, self.Hkv, self.D).transpose(1, 2)
         v_cache[:, :, start : start + T] = v.view(B, T, self.Hkv, self.D).transpose(1, 2)
         qh = q.view(B, T, self.H, self.D).transpose(1, 2)
@@ -74,17 +82,21 @@ class Bf16Layer:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=T > 1, enable_gqa=self.Hkv != self.H)
         x = x + F.linear(o.transpose(1, 2).reshape(B, T, -1), self.w["o_proj"])
         h = _rms_norm(x, self.n2, self.eps, None)
-        return x + F.linear(F.silu(F.linear(h, self.w["gate_proj"])) * F.linear(h, self.w["up_proj"]), self.w["down_proj"])
+        if self.gate_up is not None:
+            gate, up = F.linear(h, self.gate_up).chunk(2, -1)
+        else:
+            gate, up = F.linear(h, self.w["gate_proj"]), F.linear(h, self.w["up_proj"])
+        return x + F.linear(F.silu(gate) * up, self.w["down_proj"])
 
 
-def compile_atom_layer(layer, cfg, config_name: str, overrides: dict | None = None):
+def compile_atom_layer(layer, cfg, config_name: str, overrides: dict | None = None, passes=PIPELINE):
     arch = check_architecture(cfg)
     gm = capture_layer(layer, arch, 0)
     calib_h = torch.randn(4, 128, cfg.hidden_size, device=DEV, dtype=DT)
     cos, sin = rotary(torch.arange(128, device=DEV)[None], arch.head_dim)
     ctx = PassContext(get_config(config_name, **(overrides or {})), arch,
                       LayerCalibration(calib_h, cos, sin, arch.num_kv_heads, 4))
-    gm = run_pipeline(gm, ctx)
+    gm = run_pipeline(gm, ctx, passes=passes)
     ref = lower(copy.deepcopy(gm), "reference")
     return lower(gm, "triton"), ref, arch
 
@@ -117,7 +129,7 @@ def kernel_breakdown(fn, steps: int = 3) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_layer"])[:12]
 
 
-def _variant(name: str, atom):
+def _variant(name: str, atom, layer, cfg, config_name, overrides):
     """A callable: the compiled layer with one optimization switched off (for the A/B rows)."""
     import atom_compile.lowering.triton as lt
     from atom_compile.lowering import relower
@@ -139,10 +151,13 @@ def _variant(name: str, atom):
             finally:
                 kv_attention.ROW_KERNEL = True
         return call
+    if name == "atom, sibling GEMMs not fused":
+        passes = [p for p in PIPELINE if p is not FuseSiblingGemms]
+        return compile_atom_layer(layer, cfg, config_name, overrides, passes=passes)[0]
     raise ValueError(name)
 
 
-VARIANTS = ("atom, quantizers write packed codes", "atom, tensor-core decode attention")
+VARIANTS = ("atom, quantizers write packed codes", "atom, tensor-core decode attention", "atom, sibling GEMMs not fused")
 
 
 def run(quick: bool, out: str | None, config_name: str, overrides: dict | None = None,
@@ -154,7 +169,7 @@ def run(quick: bool, out: str | None, config_name: str, overrides: dict | None =
         for p in layer.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.02)
-    base = Bf16Layer(layer, cfg)
+    base, base_fused = Bf16Layer(layer, cfg), Bf16Layer(layer, cfg, fused=True)
     atom, ref, arch = compile_atom_layer(layer, cfg, config_name, overrides)
     spec = atom.meta["atom.kv_cache_spec"]
     Hkv, D = cfg.num_key_value_heads, arch.head_dim
@@ -175,15 +190,17 @@ def run(quick: bool, out: str | None, config_name: str, overrides: dict | None =
             y = atom(x, cos, sin, seqlens, *kq)
             rel = ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item()
             t_bf16 = bench_us(lambda: base(x, cos, sin, kb, vb, ctx_len))
+            t_fused = bench_us(lambda: base_fused(x, cos, sin, kb, vb, ctx_len))
             t_atom = bench_us(lambda: atom(x, cos, sin, seqlens, *kq))
             rows.append({"case": name, "batch": B, "new_tokens": T, "context": ctx_len, "bf16_us": t_bf16,
-                         "atom_us": t_atom, "speedup": t_bf16 / t_atom, "rel_err_vs_reference": rel})
+                         "bf16_fused_us": t_fused, "atom_us": t_atom, "speedup": t_bf16 / t_atom,
+                         "speedup_vs_fused": t_fused / t_atom, "rel_err_vs_reference": rel})
             for vname in VARIANTS if variants else ():
-                fn = _variant(vname, atom)
+                fn = _variant(vname, atom, layer, cfg, config_name, overrides)
                 t_v = bench_us(lambda fn=fn: fn(x, cos, sin, seqlens, *kq))
                 rows.append({"case": f"{name} ({vname})", "batch": B, "new_tokens": T, "context": ctx_len,
-                             "bf16_us": t_bf16, "atom_us": t_v, "speedup": t_bf16 / t_v,
-                             "rel_err_vs_reference": float("nan")})
+                             "bf16_us": t_bf16, "bf16_fused_us": t_fused, "atom_us": t_v, "speedup": t_bf16 / t_v,
+                             "speedup_vs_fused": t_fused / t_v, "rel_err_vs_reference": float("nan")})
             extra["breakdown"][name] = {
                 "atom": kernel_breakdown(lambda: atom(x, cos, sin, seqlens, *kq)),
                 "bf16": kernel_breakdown(lambda: base(x, cos, sin, kb, vb, ctx_len)),

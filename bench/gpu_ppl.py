@@ -26,11 +26,15 @@ from atom_compile.config import AtomConfig
 from atom_compile.evaluate import perplexity
 from atom_compile.lowering import lower
 from atom_compile.models import ArchInfo
+from atom_compile.passes import FuseSiblingGemms, PassContext
 from atom_compile.runtime import AtomForCausalLM
 from bench.common import environment
 
 
-def build(layers_dir: Path, hf_model, backend: str, dtype: torch.dtype, device: str = "cuda") -> AtomForCausalLM:
+def build(layers_dir: Path, hf_model, backend: str, dtype: torch.dtype, device: str = "cuda",
+          fuse_siblings: bool = False) -> AtomForCausalLM:
+    """``fuse_siblings``: run FuseSiblingGemms on graphs saved before that pass existed (bit-identical results
+    on the reference ops; one GEMM each for q/k/v and gate/up on the kernels)."""
     meta = json.loads((layers_dir / CONFIG).read_text())
     graphs = json.loads((layers_dir / GRAPHS).read_text())["layers"]
     tensors = load_file(str(layers_dir / "layers.safetensors"))
@@ -45,6 +49,9 @@ def build(layers_dir: Path, hf_model, backend: str, dtype: torch.dtype, device: 
         for n in gm.graph.nodes:  # the graph was built for float32 activations; run it in ``dtype``
             n.args = tuple(dtype if a is torch.float32 else a for a in n.args)
         gm.recompile()
+        if fuse_siblings and not any(n.name == "qkv_proj" for n in gm.graph.nodes):
+            ctx = PassContext(AtomConfig.from_dict(meta["atom_config"]), ArchInfo(**meta["arch"]))
+            gm = FuseSiblingGemms(ctx).call(gm).graph_module
         layers.append(lower(gm, backend))
     hf = dict(meta["hf_config"])
     cfg = AutoConfig.for_model(hf.pop("model_type"), **hf)
@@ -62,13 +69,15 @@ def main() -> None:
     ap.add_argument("--cpu-ppl", type=float, default=None, help="the CPU reference path's perplexity")
     ap.add_argument("--cpu-reference", action="store_true",
                     help="compute the CPU reference path's perplexity (run on the CPU first; pass it as --cpu-ppl)")
+    ap.add_argument("--fuse-siblings", action="store_true",
+                    help="apply FuseSiblingGemms to a checkpoint written before that pass (q/k/v, gate/up fused)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     windows = load_file(a.windows)["windows"]
     if a.cpu_reference:
         hf_model, _ = models.load_model(a.gguf, dtype=torch.float32, device="cpu")
         start = time.perf_counter()
-        qm = build(Path(a.layers), hf_model, "reference", torch.float32, device="cpu")
+        qm = build(Path(a.layers), hf_model, "reference", torch.float32, device="cpu", fuse_siblings=a.fuse_siblings)
         r = perplexity(qm, windows, batch_size=8, device="cpu", progress=True)
         result = {"environment": environment(), "backend": "reference", "device": "cpu", "ppl": r["ppl"],
                   "tokens": r["tokens"], "seconds": time.perf_counter() - start}
@@ -80,9 +89,10 @@ def main() -> None:
     rows = []
     for backend, dtype in (("triton", torch.float32), ("reference", torch.float32), ("triton", torch.bfloat16)):
         start = time.perf_counter()
-        qm = build(Path(a.layers), hf_model, backend, dtype)
+        qm = build(Path(a.layers), hf_model, backend, dtype, fuse_siblings=a.fuse_siblings)
         r = perplexity(qm, windows, batch_size=8, device="cuda", progress=False)
         rows.append({"backend": backend, "dtype": str(dtype).removeprefix("torch."), "ppl": r["ppl"],
+                     "fused_siblings": a.fuse_siblings,
                      "vs_cpu_reference": r["ppl"] / a.cpu_ppl - 1 if a.cpu_ppl else None, "tokens": r["tokens"],
                      "seconds": time.perf_counter() - start})
         print(rows[-1], flush=True)

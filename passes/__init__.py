@@ -3,6 +3,7 @@
 from .base import AtomPass, PassContext, PassResult
 from .fuse_dequant_into_gemm import FuseDequantIntoGemm
 from .fuse_quant_into_norm import FuseQuantIntoNorm
+from .fuse_sibling_gemms import FuseSiblingGemms
 from .insert_quant_nodes import InsertQuantNodes
 from .outlier_analysis import OutlierAnalysis
 from .quantize_kv_cache import QuantizeKVCache
@@ -11,5 +12,5 @@ from .rotate_kv_heads import RotateKVHeads
 
 __all__ = [
     "AtomPass", "PassContext", "PassResult", "RotateKVHeads", "OutlierAnalysis", "ReorderChannels", "InsertQuantNodes",
-    "FuseQuantIntoNorm", "FuseDequantIntoGemm", "QuantizeKVCache",
+    "FuseQuantIntoNorm", "FuseDequantIntoGemm", "FuseSiblingGemms", "QuantizeKVCache",
 ]

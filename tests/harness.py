@@ -33,6 +33,7 @@ RULES = {
     "InsertQuantNodes": "fake_quant",
     "FuseQuantIntoNorm": "exact",
     "FuseDequantIntoGemm": "reassoc",
+    "FuseSiblingGemms": "exact",
     "QuantizeKVCache": "fake_quant_kv",
 }
 

@@ -54,7 +54,7 @@ def test_model_matches_reference_in_float64(config):
     for gm in deq.layers:
         relower(gm, "dequant")  # in place
     table = {row[0]: row[2] for row in deq.layers[0].meta["atom.kernel_table"]}
-    assert table["q_proj"] == "dequant:float_gemm"
+    assert table["qkv_proj"] == "dequant:float_gemm"
     ids = torch.randint(0, 64, (2, 12))
     a, b = ref(ids), deq(ids)
     assert _rel(b, a) < 1e-12

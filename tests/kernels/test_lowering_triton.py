@@ -38,14 +38,15 @@ def test_triton_backend_matches_reference(tiny, device, kv_rotation):
     for gm in tri.layers:
         relower(gm, "triton")
     table = {row[0]: row[2] for row in tri.layers[0].meta["atom.kernel_table"]}
-    assert table["q_proj"] == "triton:w4a4_gemm" and table["attention"] == "triton:attention_quant_kv"
+    assert table["qkv_proj"] == "triton:w4a4_gemm" and table["attention"] == "triton:attention_quant_kv"
     assert table["input_layernorm_quant"] == "triton:rms_norm_quant" and table["kv_lens"] == "triton:kv_cache_store_quant"
     assert ("triton:hadamard_heads" in table.values()) == kv_rotation
     assert table["q_rope"] == "triton:rope"
     # every quantizer feeds only kernel GEMMs here, so all of them hand over int8 16 * code operands
     configs = {row[0]: row[3] for row in tri.layers[0].meta["atom.kernel_table"]}
-    assert "16 * code" in configs["input_layernorm_quant"] and "16 * code" in configs["q_proj"]
-    assert sum("16 * code" in c for c in configs.values()) == 4 + 7  # 4 quantizers (2 norms, o_proj, down) + 7 GEMMs
+    assert "16 * code" in configs["input_layernorm_quant"] and "16 * code" in configs["qkv_proj"]
+    # 4 quantizers (2 norms, o_proj, down) + 4 GEMMs (qkv_proj, o_proj, gate_up_proj, down_proj)
+    assert sum("16 * code" in c for c in configs.values()) == 4 + 4
     ids = torch.randint(0, 64, (2, 12), device=device)
     a, b = ref(ids), tri(ids)
     assert ((a - b).norm() / a.norm()).item() < TOL
@@ -59,7 +60,7 @@ def test_unsupported_formats_fall_back_to_the_reference(tiny, device):
     cfg = AtomConfig(weight_format="int3", act_format="int3", group_size=64, n_outliers=64, kv_bits=2)
     q = atom_compile.compile(tiny, torch.randint(0, 64, (2, 16), device=device), cfg, progress=False, backend="triton")
     rows = {row[0]: row for row in q.layers[0].meta["atom.kernel_table"]}
-    assert rows["q_proj"][2] == "reference:quant_linear_reference" and "int3" in rows["q_proj"][3]
+    assert rows["qkv_proj"][2] == "reference:quant_linear_reference" and "int3" in rows["qkv_proj"][3]
     assert rows["attention"][2] == "reference:attention_quant_kv_reference" and "2-bit" in rows["attention"][3]
 
 
@@ -73,7 +74,7 @@ def test_quantizer_keeps_packed_codes_when_a_reader_falls_back(tiny, device):
     for gm in tri.layers:
         relower(gm, "triton")
     rows = {row[0]: row for row in tri.layers[0].meta["atom.kernel_table"]}
-    assert rows["q_proj"][2] == "reference:quant_linear_reference"
+    assert rows["qkv_proj"][2] == "reference:quant_linear_reference"
     assert rows["input_layernorm_quant"][2] == "triton:rms_norm_quant" and "16 * code" not in rows["input_layernorm_quant"][3]
     ids = torch.randint(0, 64, (2, 12), device=device)
     a, b = ref(ids), tri(ids)
