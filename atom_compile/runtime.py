@@ -82,6 +82,42 @@ class AtomForCausalLM(nn.Module):
         hidden = rms_norm_reference(hidden, self.norm_weight, self.arch.rms_norm_eps, None)
         return nn.functional.linear(hidden, self.lm_head_weight)
 
+    def can_capture_decode(self) -> str | None:
+        """Why one decode step cannot be captured in a CUDA graph (None: it can).
+
+        Capture needs a CUDA device and no host synchronization inside the step: the Triton kernels never read
+        device values on the host, while the reference ops (fallbacks, listed in the kernel tables) and the
+        sliding-window check do."""
+        if self.device.type != "cuda":
+            return f"the model is on {self.device}, not a CUDA device"
+        if self.arch.sliding_window is not None:
+            return "the sliding-window check reads the cache lengths on the host"
+        for i, gm in enumerate(self.layers):
+            host_side = [row[0] for row in gm.meta.get("atom.kernel_table", []) if not row[2].startswith("triton:")]
+            if host_side:
+                return f"layer {i} runs {host_side[:3]} on reference ops (backend {gm.meta.get('atom.backend')})"
+        return None
+
+    def _capture_decode_step(self, cache: KVCache):
+        """One decode step (a token per sequence, written into ``cache``) captured in a CUDA graph.
+
+        Returns (token buffer [B, 1], logits buffer [B, vocab], graph): copy the next tokens into the buffer,
+        replay, read the logits. The step is run once first, outside the graph, so that every kernel is compiled
+        and allocated; its cache write lands in the slot the next real step overwrites, and its length update is
+        undone."""
+        ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=self.device)
+        lengths = cache.seqlens.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self(ids, cache)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        cache.seqlens.copy_(lengths)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self(ids, cache)[:, -1]
+        return ids, logits, graph
+
     @torch.no_grad()
     def generate(
         self,
@@ -90,11 +126,20 @@ class AtomForCausalLM(nn.Module):
         temperature: float = 0.0,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        cuda_graph: bool | None = None,
     ) -> Tensor:
-        """Greedy (temperature 0) or sampled continuation, one token per step through the KV cache."""
+        """Greedy (temperature 0) or sampled continuation, one token per step through the KV cache.
+
+        ``cuda_graph``: replay each decode step from one CUDA graph (no per-kernel launch cost on the host);
+        default: whenever ``can_capture_decode()`` allows. True where it does not raises, saying why."""
         B, T = input_ids.shape
+        why_not = self.can_capture_decode()
+        if cuda_graph and why_not:
+            raise ValueError(f"cuda_graph=True, but a decode step cannot be captured: {why_not}")
+        use_graph = why_not is None if cuda_graph is None else cuda_graph
         cache = self.new_cache(B, T + max_new_tokens)
         logits = self(input_ids.to(self.device), cache)[:, -1]
+        step = self._capture_decode_step(cache) if use_graph and max_new_tokens > 1 else None
         out = [input_ids.to(self.device)]
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
         for _ in range(max_new_tokens):
@@ -109,7 +154,12 @@ class AtomForCausalLM(nn.Module):
             out.append(nxt.unsqueeze(1))
             if eos_token_id is not None and bool(finished.all()):
                 break
-            logits = self(nxt.unsqueeze(1), cache)[:, -1]
+            if step is None:
+                logits = self(nxt.unsqueeze(1), cache)[:, -1]
+            else:
+                ids, logits, graph = step  # logits: the graph's output buffer, rewritten by every replay
+                ids.copy_(nxt.unsqueeze(1))
+                graph.replay()
         return torch.cat(out, dim=1)
 
     def generate_text(self, prompt: str, max_new_tokens: int = 32, **kw) -> str:

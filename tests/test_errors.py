@@ -107,3 +107,15 @@ def test_missing_model_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_model(str(tmp_path / "empty"))
+
+
+def test_cuda_graph_decode_needs_a_capturable_model():
+    """generate(cuda_graph=True) says why a model cannot be captured (here: on the CPU); the default falls back."""
+    model = tiny_llama()
+    q = atom_compile.compile(model, torch.randint(0, 64, (2, 16)), AtomConfig(group_size=32, n_outliers=32),
+                             progress=False)
+    assert "not a CUDA device" in q.can_capture_decode()
+    ids = torch.randint(0, 64, (1, 4))
+    with pytest.raises(ValueError, match="cannot be captured: the model is on cpu"):
+        q.generate(ids, 3, cuda_graph=True)
+    assert q.generate(ids, 3).shape == (1, 7)

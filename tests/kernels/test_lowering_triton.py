@@ -79,3 +79,21 @@ def test_quantizer_keeps_packed_codes_when_a_reader_falls_back(tiny, device):
     ids = torch.randint(0, 64, (2, 12), device=device)
     a, b = ref(ids), tri(ids)
     assert ((a - b).norm() / a.norm()).item() < TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on the H100)")
+def test_generate_with_cuda_graph_matches_eager(tiny, device):
+    """Decode steps replayed from one CUDA graph produce the tokens of eager decoding, on a batch with sampling
+    off; a model with a reference-op fallback is refused with the reason."""
+    q = atom_compile.compile(tiny, torch.randint(0, 64, (2, 16), device=device), AtomConfig(group_size=64, n_outliers=64),
+                             progress=False, backend="triton")
+    assert q.can_capture_decode() is None
+    ids = torch.randint(0, 64, (3, 5), device=device)
+    eager = q.generate(ids, 12, cuda_graph=False)
+    graphed = q.generate(ids, 12, cuda_graph=True)
+    assert torch.equal(eager, graphed)
+    ref = atom_compile.compile(tiny, torch.randint(0, 64, (2, 16), device=device),
+                               AtomConfig(group_size=64, n_outliers=64), progress=False, backend="reference")
+    assert "reference ops" in ref.can_capture_decode()
+    with pytest.raises(ValueError, match="cannot be captured"):
+        ref.generate(ids, 2, cuda_graph=True)
