@@ -48,3 +48,23 @@ def test_fused_names():
     assert fused_name(["q_proj", "k_proj", "v_proj"]) == "qkv_proj"
     assert fused_name(["gate_proj", "up_proj"]) == "gate_up_proj"
     assert fused_name(["a", "b"]) == "a_b"
+
+
+def test_biases_are_stacked_too(layer_graph, make_ctx, real_layer):
+    """Models with attention biases (Qwen2-style q/k/v biases): the biases are stacked with the weights and the
+    results stay bit-identical. Biases attached here to SmolLM2's GEMMs, which have none."""
+    from atom_compile.passes.base import add_attr
+
+    ctx = make_ctx("atom-w4a4-rtn")
+    gm = run_prefix(layer_graph, ctx, FuseSiblingGemms)
+    g = torch.Generator().manual_seed(3)
+    for node in list(gm.graph.nodes):
+        if node.name in ("q_proj", "k_proj", "v_proj"):
+            rows = getattr(gm, node.args[4].target).shape[0]
+            bias = add_attr(gm, node, f"{node.name}_bias", torch.randn(rows, generator=g))
+            node.args = (*node.args[:8], bias, *node.args[9:])
+    gm.recompile()
+    before, after, _ = check_pass(FuseSiblingGemms, gm, ctx, real_layer["inputs"],
+                                  ops_after={"atom.quant_linear": 4, "aten.slice": 5})
+    stacked = torch.cat([getattr(before, f"{p}_bias") for p in ("q_proj", "k_proj", "v_proj")])
+    assert torch.equal(after.qkv_proj_bias, stacked) and not hasattr(after, "q_proj_bias")
