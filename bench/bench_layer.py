@@ -28,8 +28,7 @@ from atom_compile.kv_cache import allocate_layer_cache
 from atom_compile.lowering import lower
 from atom_compile.models import check_architecture
 from atom_compile.ops import _rms_norm, rope_reference
-from atom_compile.passes import PassContext
-from atom_compile.passes import FuseSiblingGemms
+from atom_compile.passes import FuseSiblingGemms, PassContext
 from atom_compile.pipeline import PIPELINE, run_pipeline
 from bench.common import bench_us, report
 
