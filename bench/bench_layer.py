@@ -160,7 +160,7 @@ VARIANTS = ("atom, quantizers write packed codes", "atom, tensor-core decode att
 
 
 def run(quick: bool, out: str | None, config_name: str, overrides: dict | None = None,
-        variants: bool = False) -> None:
+        variants: bool = False, decode_batches: list[int] | None = None) -> None:
     torch.manual_seed(0)
     cfg = llama7b_config(quick)
     layer = LlamaDecoderLayer(cfg, 0).to(DEV, DT).eval()
@@ -174,6 +174,8 @@ def run(quick: bool, out: str | None, config_name: str, overrides: dict | None =
     Hkv, D = cfg.num_key_value_heads, arch.head_dim
     rows, extra = [], {"breakdown": {}}
     cases = [("decode", 64 if not quick else 16, 1, 1024 if not quick else 256), ("prefill", 1, 4096 if not quick else 512, 0)]
+    if decode_batches:  # decode only, at these batch sizes
+        cases = [(f"decode b{b}", b, 1, 1024 if not quick else 256) for b in decode_batches]
     with torch.no_grad():
         for name, B, T, ctx_len in cases:
             S = ctx_len + T
@@ -223,5 +225,7 @@ if __name__ == "__main__":
                     help="override an AtomConfig knob, e.g. --set kv_rotation=false")
     ap.add_argument("--variants", action="store_true",
                     help="also time the layer with packed quantizer codes and with tensor-core decode attention")
+    ap.add_argument("--decode-batches", default=None, help="decode only, at these batch sizes, e.g. 1,16,64,256")
     a = ap.parse_args()
-    run(a.quick, a.out, a.config, _parse_overrides(a.set), a.variants)
+    run(a.quick, a.out, a.config, _parse_overrides(a.set), a.variants,
+        [int(b) for b in a.decode_batches.split(",")] if a.decode_batches else None)
