@@ -12,6 +12,7 @@ from atom_compile.passes import (
     FuseQuantIntoNorm,
     FuseSiblingGemms,
     InsertQuantNodes,
+    MergeSlicedHeadOps,
     OutlierAnalysis,
     PassContext,
     QuantizeKVCache,
@@ -27,6 +28,7 @@ PIPELINE = [
     FuseQuantIntoNorm,    # norm+quant, silu*mul+quant, gather+quant
     FuseDequantIntoGemm,  # dequant+linear -> quantized GEMM
     FuseSiblingGemms,     # q/k/v and gate/up GEMMs on one input -> one GEMM each, sliced
+    MergeSlicedHeadOps,   # RoPE / Hadamard of q and k (adjacent slices) -> one launch each
     QuantizeKVCache,      # 4-bit K/V on write, attention over the quantized cache
 ]
 

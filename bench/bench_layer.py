@@ -28,7 +28,7 @@ from atom_compile.kv_cache import allocate_layer_cache
 from atom_compile.lowering import lower
 from atom_compile.models import check_architecture
 from atom_compile.ops import _rms_norm, rope_reference
-from atom_compile.passes import FuseSiblingGemms, PassContext
+from atom_compile.passes import FuseSiblingGemms, MergeSlicedHeadOps, PassContext
 from atom_compile.pipeline import PIPELINE, run_pipeline
 from bench.common import bench_us, report
 
@@ -150,8 +150,8 @@ def _variant(name: str, atom, layer, cfg, config_name, overrides):
             finally:
                 kv_attention.ROW_KERNEL = True
         return call
-    if name == "atom, sibling GEMMs not fused":
-        passes = [p for p in PIPELINE if p is not FuseSiblingGemms]
+    if name == "atom, sibling GEMMs not fused":  # (nor, then, the q / k head ops that run on their slices)
+        passes = [p for p in PIPELINE if p not in (FuseSiblingGemms, MergeSlicedHeadOps)]
         return compile_atom_layer(layer, cfg, config_name, overrides, passes=passes)[0]
     raise ValueError(name)
 

@@ -26,15 +26,16 @@ from atom_compile.config import AtomConfig
 from atom_compile.evaluate import perplexity
 from atom_compile.lowering import lower
 from atom_compile.models import ArchInfo
-from atom_compile.passes import FuseSiblingGemms, PassContext
+from atom_compile.passes import FuseSiblingGemms, MergeSlicedHeadOps, PassContext
 from atom_compile.runtime import AtomForCausalLM
 from bench.common import environment
 
 
 def build(layers_dir: Path, hf_model, backend: str, dtype: torch.dtype, device: str = "cuda",
           fuse_siblings: bool = False) -> AtomForCausalLM:
-    """``fuse_siblings``: run FuseSiblingGemms on graphs saved before that pass existed (bit-identical results
-    on the reference ops; one GEMM each for q/k/v and gate/up on the kernels)."""
+    """``fuse_siblings``: run FuseSiblingGemms and MergeSlicedHeadOps on graphs saved before those passes existed
+    (bit-identical results on the reference ops; one GEMM each for q/k/v and gate/up, one RoPE and one Hadamard
+    launch for q and k on the kernels)."""
     meta = json.loads((layers_dir / CONFIG).read_text())
     graphs = json.loads((layers_dir / GRAPHS).read_text())["layers"]
     tensors = load_file(str(layers_dir / "layers.safetensors"))
@@ -51,7 +52,8 @@ def build(layers_dir: Path, hf_model, backend: str, dtype: torch.dtype, device: 
         gm.recompile()
         if fuse_siblings and not any(n.name == "qkv_proj" for n in gm.graph.nodes):
             ctx = PassContext(AtomConfig.from_dict(meta["atom_config"]), ArchInfo(**meta["arch"]))
-            gm = FuseSiblingGemms(ctx).call(gm).graph_module
+            for p in (FuseSiblingGemms, MergeSlicedHeadOps):
+                gm = p(ctx).call(gm).graph_module
         layers.append(lower(gm, backend))
     hf = dict(meta["hf_config"])
     cfg = AutoConfig.for_model(hf.pop("model_type"), **hf)
@@ -70,7 +72,7 @@ def main() -> None:
     ap.add_argument("--cpu-reference", action="store_true",
                     help="compute the CPU reference path's perplexity (run on the CPU first; pass it as --cpu-ppl)")
     ap.add_argument("--fuse-siblings", action="store_true",
-                    help="apply FuseSiblingGemms to a checkpoint written before that pass (q/k/v, gate/up fused)")
+                    help="apply FuseSiblingGemms and MergeSlicedHeadOps to a checkpoint written before them")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     windows = load_file(a.windows)["windows"]

@@ -34,6 +34,7 @@ RULES = {
     "FuseQuantIntoNorm": "exact",
     "FuseDequantIntoGemm": "reassoc",
     "FuseSiblingGemms": "exact",
+    "MergeSlicedHeadOps": "exact",
     "QuantizeKVCache": "fake_quant_kv",
 }
 

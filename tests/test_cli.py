@@ -30,7 +30,7 @@ def test_eval_table_and_overrides(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "| config" in out and "w4a16" in out
     assert json.loads((tmp_path / "r.json").read_text())[0]["overrides"] == {"group_size": 64}
-    assert (tmp_path / "d" / "w4a16" / "layer_00" / "09_lowered.py").is_file()
+    assert (tmp_path / "d" / "w4a16" / "layer_00" / "10_lowered.py").is_file()
 
 
 def test_generate(capsys):

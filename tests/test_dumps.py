@@ -19,7 +19,7 @@ def tiny():
 CONFIG = AtomConfig(group_size=32, n_outliers=32)
 FILES = ["00_input.py", "01_rotate_kv_heads.py", "02_outlier_analysis.py", "03_reorder_channels.py",
          "04_insert_quant_nodes.py", "05_fuse_quant_into_norm.py", "06_fuse_dequant_into_gemm.py",
-         "07_fuse_sibling_gemms.py", "08_quantize_kv_cache.py", "09_lowered.py"]
+         "07_fuse_sibling_gemms.py", "08_merge_sliced_head_ops.py", "09_quantize_kv_cache.py", "10_lowered.py"]
 
 
 def test_one_file_per_pass_with_header_graph_and_meta(tiny, tmp_path):
@@ -37,8 +37,8 @@ def test_one_file_per_pass_with_header_graph_and_meta(tiny, tmp_path):
     assert "torch.ops.atom.rms_norm_quant" not in text["04_insert_quant_nodes.py"]
     assert "torch.ops.atom.quant_linear" in text["06_fuse_dequant_into_gemm.py"]
     assert "(+5 aten.slice, -3 atom.quant_linear)" in text["07_fuse_sibling_gemms.py"]
-    assert "k_cache: \"u8[" in text["08_quantize_kv_cache.py"]
-    lowered = text["09_lowered.py"]
+    assert "k_cache: \"u8[" in text["09_quantize_kv_cache.py"]
+    lowered = text["10_lowered.py"]
     assert "Kernel table" in lowered and "reference:quant_linear_reference" in lowered
     assert "torch.ops.atom" not in lowered.split('"""')[0]  # every atom op is bound
     # weights are elided: no tensor values in the graph code

@@ -41,7 +41,7 @@ def test_triton_backend_matches_reference(tiny, device, kv_rotation):
     assert table["qkv_proj"] == "triton:w4a4_gemm" and table["attention"] == "triton:attention_quant_kv"
     assert table["input_layernorm_quant"] == "triton:rms_norm_quant" and table["kv_lens"] == "triton:kv_cache_store_quant"
     assert ("triton:hadamard_heads" in table.values()) == kv_rotation
-    assert table["q_rope"] == "triton:rope"
+    assert table["qk_rope"] == "triton:rope"  # q and k rotated in one launch (MergeSlicedHeadOps)
     # every quantizer feeds only kernel GEMMs here, so all of them hand over int8 16 * code operands
     configs = {row[0]: row[3] for row in tri.layers[0].meta["atom.kernel_table"]}
     assert "16 * code" in configs["input_layernorm_quant"] and "16 * code" in configs["qkv_proj"]
