@@ -50,7 +50,7 @@ def build(layers_dir: Path, hf_model, backend: str, dtype: torch.dtype, device: 
         for n in gm.graph.nodes:  # the graph was built for float32 activations; run it in ``dtype``
             n.args = tuple(dtype if a is torch.float32 else a for a in n.args)
         gm.recompile()
-        if fuse_siblings and not any(n.name == "qkv_proj" for n in gm.graph.nodes):
+        if fuse_siblings:  # (a no-op on graphs that have them already)
             ctx = PassContext(AtomConfig.from_dict(meta["atom_config"]), ArchInfo(**meta["arch"]))
             for p in (FuseSiblingGemms, MergeSlicedHeadOps):
                 gm = p(ctx).call(gm).graph_module

@@ -16,7 +16,8 @@ from atom_compile.models import ArchInfo
 aten = torch.ops.aten
 atom = torch.ops.atom
 
-__all__ = ["AtomPass", "PassContext", "PassResult", "linear_nodes", "set_attr_tensor", "get_attr_tensor"]
+__all__ = ["AtomPass", "PassContext", "PassResult", "linear_nodes", "set_attr_tensor", "get_attr_tensor",
+           "joined_name"]
 
 
 @dataclasses.dataclass
@@ -81,3 +82,12 @@ def add_attr(gm: fx.GraphModule, before: fx.Node, name: str, value: torch.Tensor
 def delete_attr_if_unused(gm: fx.GraphModule, name: str) -> None:
     if not any(n.op == "get_attr" and n.target == name for n in gm.graph.nodes) and hasattr(gm, name):
         delattr(gm, name)
+
+
+def joined_name(names: list[str]) -> str:
+    """The name of a node that does the work of ``names``: their stems joined, the shared suffix kept (no separator
+    between one-letter stems): qkv_proj for q/k/v_proj, gate_up_proj for gate/up_proj, qk_rope for q/k_rope."""
+    stems, _, suffix = zip(*(n.partition("_") for n in names))
+    if len(set(suffix)) == 1 and suffix[0]:
+        return ("" if all(len(s) == 1 for s in stems) else "_").join(stems) + "_" + suffix[0]
+    return "_".join(names)

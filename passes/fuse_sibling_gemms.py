@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .base import AtomPass, PassResult, add_attr, aten, atom, delete_attr_if_unused, get_attr_tensor
+from .base import AtomPass, PassResult, add_attr, aten, atom, delete_attr_if_unused, get_attr_tensor, joined_name
 
 # op -> (index of the first of its four weight arguments, index of its bias argument)
 _WEIGHT_ARGS = {atom.quant_linear.default: (4, 8), atom.weight_only_linear.default: (1, 5)}
@@ -48,14 +48,6 @@ def _sibling_key(node: fx.Node):
     if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
         return None
     return node.target, node.args[:first], node.args[bias_at + 1:], bias is None
-
-
-def fused_name(names: list[str]) -> str:
-    """qkv_proj for q/k/v_proj, gate_up_proj for gate/up_proj (vLLM's names); the names joined otherwise."""
-    if all(n.endswith("_proj") for n in names):
-        stems = [n.removesuffix("_proj") for n in names]
-        return ("" if all(len(s) == 1 for s in stems) else "_").join(stems) + "_proj"
-    return "_".join(names)
 
 
 class FuseSiblingGemms(AtomPass):
@@ -80,7 +72,7 @@ class FuseSiblingGemms(AtomPass):
 
     def _fuse(self, gm: fx.GraphModule, siblings: list[fx.Node]) -> None:
         first, bias_at = _WEIGHT_ARGS[siblings[0].target]
-        name = fused_name([s.name for s in siblings])
+        name = joined_name([s.name for s in siblings])
         head = siblings[0]
         rows = [get_attr_tensor(gm, s.args[first]).shape[0] for s in siblings]
         stacked = []

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .base import AtomPass, PassResult, aten, atom
+from .base import AtomPass, PassResult, aten, atom, joined_name
 
 # ops that treat every head alike; calls merge when the arguments after the tensor are the same nodes / values
 _HEAD_OPS = (atom.rope.default, atom.hadamard_heads.default)
@@ -34,14 +34,6 @@ def _slice_of(node: fx.Node):
     if isinstance(node, fx.Node) and node.target == aten.slice.Tensor and len(node.args) == 4 and node.args[1] == -1:
         return node.args[0], node.args[2], node.args[3]
     return None
-
-
-def merged_name(names: list[str]) -> str:
-    """qk_rope for q_rope / k_rope: the stems joined (no separator for one-letter stems), the shared suffix kept."""
-    stems, _, suffix = zip(*(n.partition("_") for n in names))
-    if len(set(suffix)) == 1 and suffix[0]:
-        return ("" if all(len(s) == 1 for s in stems) else "_").join(stems) + "_" + suffix[0]
-    return "_".join(names)
 
 
 class MergeSlicedHeadOps(AtomPass):
@@ -78,11 +70,11 @@ class MergeSlicedHeadOps(AtomPass):
         nodes = [n for _, _, n in run]
         start, end = run[0][0], run[-1][1]
         base = run[0][2].args[0].args[0]
-        first = min(nodes, key=lambda n: list(gm.graph.nodes).index(n))
-        name = merged_name([n.name for n in nodes])
+        first = next(n for n in gm.graph.nodes if n in nodes)  # the merged op goes where the first call was
+        name = joined_name([n.name for n in nodes])
         with gm.graph.inserting_before(first):
             union = gm.graph.create_node("call_function", aten.slice.Tensor, (base, -1, start, end),
-                                         name=merged_name([n.args[0].name for n in nodes]))
+                                         name=joined_name([n.args[0].name for n in nodes]))
             merged = gm.graph.create_node("call_function", first.target, (union, *first.args[1:]), name=name)
         merged.meta.update({k: v for k, v in first.meta.items() if k.startswith("atom.")})
         for s, e, n in run:

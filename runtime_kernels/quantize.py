@@ -430,8 +430,8 @@ def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_fo
         pairs = x.element_size() == 2 and rows_per_program >= 2
     if pairs and x.element_size() != 2:
         raise ValueError("pairs: 16-bit inputs only")
-    if pairs:
-        rows_per_program = max(2, rows_per_program)
+    if pairs:  # whole pairs per program (an odd count would make a program's last pair spill into the next's rows)
+        rows_per_program = max(2, rows_per_program + rows_per_program % 2)
     if num_warps is None:
         num_warps = 4 if K_PAD <= 4096 else 8
         if M <= _num_sms(x.device):  # few rows (decode): more warps per row (H100, 64 x 4096: 4.0 vs 4.3 us)

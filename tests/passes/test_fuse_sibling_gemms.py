@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from atom_compile.passes import FuseSiblingGemms
-from atom_compile.passes.fuse_sibling_gemms import fused_name
 from harness import check_pass, run_prefix
 
 
@@ -42,12 +41,6 @@ def test_gemms_with_different_formats_stay_apart(layer_graph, make_ctx, real_lay
     names = {n.name: n for n in after.graph.nodes}
     assert names["qv_proj"].meta["atom.fused_from"] == ["q_proj", "v_proj"]
     assert names["k_proj"].target == torch.ops.atom.quant_linear.default
-
-
-def test_fused_names():
-    assert fused_name(["q_proj", "k_proj", "v_proj"]) == "qkv_proj"
-    assert fused_name(["gate_proj", "up_proj"]) == "gate_up_proj"
-    assert fused_name(["a", "b"]) == "a_b"
 
 
 def test_biases_are_stacked_too(layer_graph, make_ctx, real_layer):

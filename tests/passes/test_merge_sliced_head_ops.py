@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from atom_compile.passes import MergeSlicedHeadOps
-from atom_compile.passes.merge_sliced_head_ops import merged_name
+from atom_compile.passes.base import joined_name
 from harness import check_pass, run_prefix
 
 
@@ -37,8 +37,9 @@ def test_slices_that_are_not_adjacent_stay_apart(layer_graph, make_ctx, real_lay
     assert not MergeSlicedHeadOps(ctx).call(gm).modified
 
 
-def test_merged_names():
-    assert merged_name(["q_rope", "k_rope"]) == "qk_rope"
-    assert merged_name(["q_proj", "k_proj"]) == "qk_proj"
-    assert merged_name(["gate_x", "up_x"]) == "gate_up_x"
-    assert merged_name(["a", "b"]) == "a_b"
+def test_joined_names():
+    """The names both passes give the nodes that do the work of several."""
+    assert joined_name(["q_proj", "k_proj", "v_proj"]) == "qkv_proj"
+    assert joined_name(["gate_proj", "up_proj"]) == "gate_up_proj"
+    assert joined_name(["q_rope", "k_rope"]) == "qk_rope"
+    assert joined_name(["a", "b"]) == "a_b"
