@@ -7,7 +7,10 @@ fp32 and bf16 outputs), then time, each under CUDA graphs (``bench.common.bench_
 - fp8:   ``torch._scaled_mm`` with e4m3 operands, rowwise scales (and tensorwise scales with fast
          accumulation; the faster of the two is the "fp8" column)
 - int8:  ``torch._int_mm`` with B column-major (needs M > 16: shown as '-' at M = 16)
-- ours:  ``w4a4_gemm`` on already-quantized activations: the GEMM alone, activation quantization excluded
+- ours:  ``w4a4_gemm`` on already-quantized activations: the GEMM alone, activation quantization excluded.
+         From ``BLOCKSCALED_MIN_M`` tokens on that is cuBLAS's block-scaled FP8 GEMM on operands our Triton
+         kernels make per call (runtime_kernels/fp8_blockscaled.py); the row then also times our Triton
+         GEMM kernel on the same size (``triton_kernel_us``).
 
 K counts all input channels: K = 4096 is 3968 int4 channels (31 groups of 128) + 128 int8 outliers.
 TFLOP/s = 2 M N K / time for every column. Inputs rotate over several copies when one set fits in L2.
@@ -80,6 +83,9 @@ def time_ours(xq, wq, cfg=None, reps=50, x16=False) -> float:
     pws = [pw0] + [wk.prepare_weight(*(t.clone() for t in wq), GROUP) for _ in range(k - 1)]
     outs = [torch.empty(xq[0].shape[0], pw0.N, dtype=torch.bfloat16, device="cuda") for _ in range(k)]
     xin = (wk.unpack_activations(xq[0], GROUP), *xq[1:]) if x16 else xq
+    large = cfg is None and xq[0].shape[0] >= wk.BLOCKSCALED_MIN_M and wk._LARGE_M_BACKEND == "cublas_fp8"
+    if large:  # (cuBLAS writes its own output: an out= would cost a copy that the compiled model never makes)
+        outs = [None] * k
     fns = [lambda p=p, o=o: wk.w4a4_gemm(*xin, p, None, torch.bfloat16, config=cfg, out=o, x_unpacked=x16)
            for p, o in zip(pws, outs)]
     if x16:
@@ -242,6 +248,17 @@ def main(argv=None) -> None:
             except Exception as e:  # noqa: BLE001
                 print(f"OURS FAILED N={N} K={K} M={M}: {e!r}"[:500], flush=True)
                 ours = float("nan")
+            large = M >= wk.BLOCKSCALED_MIN_M and wk._LARGE_M_BACKEND == "cublas_fp8"
+            triton_us = None
+            if large:  # ours above ran cuBLAS's block-scaled FP8 GEMM: our Triton kernel on the same size too
+                wk.set_large_m_backend("triton")
+                try:
+                    triton_us = time_ours(xq, wq)
+                except Exception as e:  # noqa: BLE001
+                    print(f"TRITON KERNEL FAILED N={N} K={K} M={M}: {e!r}"[:500], flush=True)
+                    triton_us = float("nan")
+                finally:
+                    wk.set_large_m_backend("cublas_fp8")
             ours_x16 = None
             if args.x16:
                 try:
@@ -258,7 +275,10 @@ def main(argv=None) -> None:
                        ours_tflops=tf(ours), bf16_tflops=tf(base["bf16"]),
                        x_bf16=base["bf16"] / ours, x_fp8=None if base["fp8"] is None else base["fp8"] / ours,
                        x_int8=None if base["int8"] is None else base["int8"] / ours, max_rel_err=err,
-                       config=_short(cfg))
+                       config="cublas_fp8 (block-scaled)" if large else _short(cfg))
+            if large:
+                row.update(triton_kernel_us=triton_us, triton_kernel_x_bf16=base["bf16"] / triton_us,
+                           triton_kernel_config=_short(cfg))
             if args.x16:
                 key16 = key + (True,)
                 cfg16 = wk._TUNED.get(key16) or dataclasses.replace(wk.pick_config(M, N, (K - N_OUT) // GROUP),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -150,13 +151,24 @@ def _variant(name: str, atom, layer, cfg, config_name, overrides):
             finally:
                 kv_attention.ROW_KERNEL = True
         return call
+    if name == "atom, large-M GEMM on the Triton kernel":  # (not cuBLAS's block-scaled FP8 GEMM; prefill only)
+        wk = importlib.import_module("atom_compile.runtime_kernels.w4a4_gemm")  # (the package re-exports a function so named)
+
+        def call_triton(*args, _gm=atom):
+            wk.set_large_m_backend("triton")
+            try:
+                return _gm(*args)
+            finally:
+                wk.set_large_m_backend("cublas_fp8")
+        return call_triton
     if name == "atom, sibling GEMMs not fused":  # (nor, then, the q / k head ops that run on their slices)
         passes = [p for p in PIPELINE if p not in (FuseSiblingGemms, MergeSlicedHeadOps)]
         return compile_atom_layer(layer, cfg, config_name, overrides, passes=passes)[0]
     raise ValueError(name)
 
 
-VARIANTS = ("atom, quantizers write packed codes", "atom, tensor-core decode attention", "atom, sibling GEMMs not fused")
+VARIANTS = ("atom, quantizers write packed codes", "atom, tensor-core decode attention", "atom, sibling GEMMs not fused",
+            "atom, large-M GEMM on the Triton kernel")
 
 
 def run(quick: bool, out: str | None, config_name: str, overrides: dict | None = None,

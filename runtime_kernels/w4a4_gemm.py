@@ -56,10 +56,13 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import fp8_blockscaled
+
 __all__ = ["PreparedWeight", "Config", "prepare_weight", "w4a4_gemm", "pick_config", "candidates", "set_autotune",
-           "unpack_activations"]
+           "unpack_activations", "set_large_m_backend", "BLOCKSCALED_MIN_M"]
 
 _MAX_TILES = 8192  # split-K arrival counters kept per prepared weight
+BLOCKSCALED_MIN_M = 512  # from this many tokens on, w4a4_gemm runs cuBLAS's block-scaled FP8 GEMM (below)
 
 
 def _interpreting() -> bool:
@@ -418,6 +421,18 @@ def set_autotune(enabled: bool) -> None:
 
 
 _AUTOTUNE = os.environ.get("ATOM_W4A4_AUTOTUNE", "0") == "1"
+_LARGE_M_BACKEND = os.environ.get("ATOM_W4A4_LARGE_M", "cublas_fp8")
+
+
+def set_large_m_backend(name: str) -> None:
+    """Who runs ``w4a4_gemm`` from ``BLOCKSCALED_MIN_M`` tokens on (when no config is given): "cublas_fp8"
+    (default: the weights unpacked to FP8 per call and cuBLAS's block-scaled FP8 GEMM, see
+    ``fp8_blockscaled.py``; on Hopper with groups of 128) or "triton" (this file's kernel at every size).
+    Also ATOM_W4A4_LARGE_M."""
+    global _LARGE_M_BACKEND
+    if name not in ("cublas_fp8", "triton"):
+        raise ValueError(f"large-M backend must be 'cublas_fp8' or 'triton', got {name!r}")
+    _LARGE_M_BACKEND = name
 
 
 def _graph_time_us(fn, flush: Tensor, reps: int = 10) -> float:
@@ -518,17 +533,21 @@ def w4a4_gemm(
         raise ValueError(f"xos must have M = {M} elements, got {tuple(xos.shape)}")
     if bias is not None and bias.numel() != N:
         raise ValueError(f"bias must have N = {N} elements, got {tuple(bias.shape)}")
-    if out is None:
-        out = torch.empty((M, N), dtype=out_dtype, device=xq.device)
-    elif tuple(out.shape) != (M, N) or out.dtype != out_dtype or out.stride(1) != 1:
+    if out is not None and (tuple(out.shape) != (M, N) or out.dtype != out_dtype or out.stride(1) != 1):
         raise ValueError("out must be a row-major [M, N] tensor of out_dtype")
     if M == 0:
-        return out
+        return out if out is not None else torch.empty((0, N), dtype=out_dtype, device=xq.device)
     if xs.dtype != torch.float32:
         xs = xs.float()
     xos = xos.reshape(M, 1)
     if xos.dtype != torch.float32:
         xos = xos.float()
+    if (config is None and M >= BLOCKSCALED_MIN_M and _LARGE_M_BACKEND == "cublas_fp8" and not _interpreting()
+            and fp8_blockscaled.supported(xq.device, g, N, out_dtype)):
+        # (cuBLAS writes its own output tensor: copied into ``out`` only when the caller gave one)
+        return fp8_blockscaled.blockscaled_gemm(xq, xs, xo, xos, pw, bias, out_dtype, out, x_unpacked)
+    if out is None:
+        out = torch.empty((M, N), dtype=out_dtype, device=xq.device)
     if config is None:
         key = (xq.device.index, _m_bucket(M), N, G, g, n_out, x_unpacked)
         config = _TUNED.get(key)
