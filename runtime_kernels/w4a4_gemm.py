@@ -36,6 +36,11 @@ Kernel design
 * Large M (compute-bound): the activations are first unpacked into int8 (x16) by a small kernel
   (``Config.x_unpacked``), so that the activation operand goes from global memory by TMA straight into
   the MMA, and only the weight operand is unpacked in registers (it is wgmma's register operand A).
+* From ``BLOCKSCALED_MIN_M`` tokens on (bf16 output, groups of 128, Hopper), ``w4a4_gemm`` without an explicit
+  config does not launch this kernel: it runs cuBLAS's block-scaled FP8 GEMM on operands built per call
+  (``fp8_blockscaled.py``), which overlaps the per-group rescale with the MMAs as Triton 3.6 cannot (1.09-1.14x
+  bf16 at M = 4096 against this kernel's 0.75-0.81x). ``set_large_m_backend("triton")`` / ATOM_W4A4_LARGE_M=triton
+  keep this kernel at every size.
 
 ``prepare_weight`` keeps the packed weight bytes as they are, transposes the weight scales to [G, N]
 (contiguous per group for a tile of rows) and pads the outlier rows to 16 bytes (TMA row stride).
