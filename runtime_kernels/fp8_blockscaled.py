@@ -5,8 +5,9 @@ Why: Atom's GEMM is a sum over groups of 128 channels of (integer group dot) x (
 (``ScalingType.BlockWise1x128``, DeepSeek-V3's recipe, which cuBLAS runs on Hopper with its own tuned,
 warp-specialized kernels), because FP8 e4m3 holds every int4 code -8..7 exactly and a group's integer dot
 (|.| <= 128 * 64) is exact in the tensor cores' fp32 accumulation. Our Triton kernel (``w4a4_gemm.py``)
-cannot overlap its per-group rescale with the MMAs in Triton 3.6 and reaches 0.64-0.82x bf16 at large M;
-cuBLAS's block-scaled kernel reaches 1.3-1.4x bf16 on the same operands (docs/notes_gemm.md).
+cannot overlap its per-group rescale with the MMAs in Triton 3.6 and reaches 0.76-0.84x bf16 at M = 4096;
+cuBLAS's block-scaled kernel reaches 1.3-1.4x bf16 on int4 operands alone, and this path, with the outlier blocks
+and the operand passes below, 1.09-1.14x (docs/performance.md, docs/notes_gemm.md v4).
 
 The weights stay 4-bit in memory. Each call unpacks them into a transient e4m3 copy (a bandwidth-bound
 Triton kernel, ~2.5 TB/s: 7 us for 4096 x 4096, 55 us for 22016 x 4096), which pays off from a few hundred
