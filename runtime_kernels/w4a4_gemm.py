@@ -39,7 +39,7 @@ Kernel design
 * From ``BLOCKSCALED_MIN_M`` tokens on (bf16 output, groups of 128, Hopper), ``w4a4_gemm`` without an explicit
   config does not launch this kernel: it runs cuBLAS's block-scaled FP8 GEMM on operands built per call
   (``fp8_blockscaled.py``), which overlaps the per-group rescale with the MMAs as Triton 3.6 cannot (1.09-1.14x
-  bf16 at M = 4096 against this kernel's 0.75-0.81x). ``set_large_m_backend("triton")`` / ATOM_W4A4_LARGE_M=triton
+  bf16 at M = 4096 against this kernel's 0.76-0.84x in the same run). ``set_large_m_backend("triton")`` / ATOM_W4A4_LARGE_M=triton
   keep this kernel at every size.
 
 ``prepare_weight`` keeps the packed weight bytes as they are, transposes the weight scales to [G, N]
@@ -86,6 +86,7 @@ class PreparedWeight:
     group_size: int
     n_out: int
 
+    fp8_scales: Tensor | None = field(default=None, repr=False)  # block scales of the cuBLAS large-M path
     _descs: dict = field(default_factory=dict, repr=False)
 
     def descriptor(self, block_n: int) -> TensorDescriptor:

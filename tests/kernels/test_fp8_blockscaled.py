@@ -83,7 +83,8 @@ def test_block_decomposition_matches_reference(device, n_out):
     assert rel_err(y, ref.cpu()) < 1e-6
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLAS block-scaled FP8 needs a GPU")
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the cuBLAS block-scaled FP8 path runs on Hopper GPUs")
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("x16", [False, True])
 def test_large_m_dispatch_matches_reference(bias, x16):
@@ -91,18 +92,21 @@ def test_large_m_dispatch_matches_reference(bias, x16):
     dtype = torch.bfloat16
     M = BLOCKSCALED_MIN_M + 37
     xq, wq, b = make_case(M, 96, 1536, 128, 128, seed=13, device="cuda", bias=bias)
+    if bias:  # (a bf16 model's bias is bf16; cuBLAS's epilogue takes it so, the Triton kernel in fp32)
+        b = b.bfloat16().float()
     pw = prepare_weight(*wq, 128)
-    assert fb.supported(torch.device("cuda"), 128, 96), "this test expects a Hopper GPU"
+    assert fb.supported(torch.device("cuda"), 128, 96)
     xin = unpack_activations(xq[0], 128) if x16 else xq[0]
     out = torch.full((M, 96), float("nan"), dtype=dtype, device="cuda")
     y = w4a4_gemm(xin, *xq[1:], pw, b, dtype, out=out, x_unpacked=x16)
     assert y.data_ptr() == out.data_ptr() and not torch.isnan(y).any()
     ref = reference(xq, wq, b, 128, torch.float32)
-    assert rel_err(y, ref) < TOL[dtype]
+    assert rel_err(y, ref) < 3e-3  # bf16 rounding of the result: ~1.7e-3 (TOL's 1e-2 is for every kernel path)
     # the Triton kernel on the same inputs (explicit config, or the backend switched off)
     y_triton = w4a4_gemm(xin, *xq[1:], pw, b, dtype, config=Config(block_n=64, block_m=128, num_stages=3),
                          x_unpacked=x16)
-    assert rel_err(y, y_triton) < TOL[dtype]
+    # both are exact up to the bf16 rounding of the result: they differ only where a value is a rounding tie
+    assert rel_err(y, y_triton) < 1e-4
     set_large_m_backend("triton")
     try:
         assert rel_err(w4a4_gemm(xin, *xq[1:], pw, b, dtype, x_unpacked=x16), ref) < TOL[dtype]
