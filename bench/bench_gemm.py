@@ -83,7 +83,7 @@ def time_ours(xq, wq, cfg=None, reps=50, x16=False) -> float:
     pws = [pw0] + [wk.prepare_weight(*(t.clone() for t in wq), GROUP) for _ in range(k - 1)]
     outs = [torch.empty(xq[0].shape[0], pw0.N, dtype=torch.bfloat16, device="cuda") for _ in range(k)]
     xin = (wk.unpack_activations(xq[0], GROUP), *xq[1:]) if x16 else xq
-    large = cfg is None and xq[0].shape[0] >= wk.BLOCKSCALED_MIN_M and wk._LARGE_M_BACKEND == "cublas_fp8"
+    large = cfg is None and wk.takes_blockscaled_path(xq[0].shape[0], pw0.N, GROUP, torch.bfloat16, xq[0].device)
     if large:  # (cuBLAS writes its own output: an out= would cost a copy that the compiled model never makes)
         outs = [None] * k
     fns = [lambda p=p, o=o: wk.w4a4_gemm(*xin, p, None, torch.bfloat16, config=cfg, out=o, x_unpacked=x16)
@@ -257,7 +257,7 @@ def main(argv=None) -> None:
             except Exception as e:  # noqa: BLE001
                 print(f"OURS FAILED N={N} K={K} M={M}: {e!r}"[:500], flush=True)
                 ours = float("nan")
-            large = M >= wk.BLOCKSCALED_MIN_M and wk._LARGE_M_BACKEND == "cublas_fp8"
+            large = wk.takes_blockscaled_path(M, N, GROUP, torch.bfloat16, xq[0].device)
             triton_us = None
             if large:  # ours above ran cuBLAS's block-scaled FP8 GEMM: our Triton kernel on the same size too
                 wk.set_large_m_backend("triton")

@@ -64,7 +64,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from . import fp8_blockscaled
 
 __all__ = ["PreparedWeight", "Config", "prepare_weight", "w4a4_gemm", "pick_config", "candidates", "set_autotune",
-           "unpack_activations", "set_large_m_backend", "BLOCKSCALED_MIN_M"]
+           "unpack_activations", "set_large_m_backend", "takes_blockscaled_path", "BLOCKSCALED_MIN_M"]
 
 _MAX_TILES = 8192  # split-K arrival counters kept per prepared weight
 BLOCKSCALED_MIN_M = 512  # from this many tokens on, w4a4_gemm runs cuBLAS's block-scaled FP8 GEMM (below)
@@ -441,6 +441,12 @@ def set_large_m_backend(name: str) -> None:
     _LARGE_M_BACKEND = name
 
 
+def takes_blockscaled_path(M: int, N: int, group_size: int, out_dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``w4a4_gemm`` (without an explicit config) runs cuBLAS's block-scaled FP8 GEMM for this size."""
+    return (M >= BLOCKSCALED_MIN_M and _LARGE_M_BACKEND == "cublas_fp8" and not _interpreting()
+            and fp8_blockscaled.supported(device, group_size, N, out_dtype))
+
+
 def _graph_time_us(fn, flush: Tensor, reps: int = 10) -> float:
     """Microseconds of one ``fn`` call with the L2 cleared before it: CUDA graphs of [clear, fn] x reps and of
     [clear] x reps, medians of 5 replays, difference / reps. (Per-call event timing of a 10 us kernel is
@@ -548,8 +554,7 @@ def w4a4_gemm(
     xos = xos.reshape(M, 1)
     if xos.dtype != torch.float32:
         xos = xos.float()
-    if (config is None and M >= BLOCKSCALED_MIN_M and _LARGE_M_BACKEND == "cublas_fp8" and not _interpreting()
-            and fp8_blockscaled.supported(xq.device, g, N, out_dtype)):
+    if config is None and takes_blockscaled_path(M, N, g, out_dtype, xq.device):
         # (cuBLAS writes its own output tensor: copied into ``out`` only when the caller gave one)
         return fp8_blockscaled.blockscaled_gemm(xq, xs, xo, xos, pw, bias, out_dtype, out, x_unpacked)
     if out is None:
