@@ -8,3 +8,4 @@ from .kv_attention import attention_quant_kv, kv_cache_store_quant  # noqa: F401
 from .w4a4_gemm import Config as W4A4Config, PreparedWeight, prepare_weight, w4a4_gemm  # noqa: F401
 from .hadamard import hadamard_heads  # noqa: F401
 from .rope import rope  # noqa: F401
+from .w4a4_gemm import takes_blockscaled_path  # noqa: F401

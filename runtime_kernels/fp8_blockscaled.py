@@ -77,7 +77,7 @@ def _operand_kernel(
     R, R_out, G, n_out,
     s_q, s_o, s_s, s_dst, s_sdst,
     HALF: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr,
-    X16: tl.constexpr, WEIGHT: tl.constexpr, SCALES: tl.constexpr,
+    X16: tl.constexpr, WEIGHT: tl.constexpr, SCALES: tl.constexpr, CODES: tl.constexpr,
 ):
     """One 128-column block (program axis 1 = group; the last program does the 4 outlier parts) of BLOCK_R
     rows: codes -> e4m3 in dst, and (SCALES) the block scales transposed into sdst [G + 4 P / 128, R].
@@ -86,6 +86,8 @@ def _operand_kernel(
     o: int8 outliers [R, n_out]; s: group scales [R, G] (row stride s_s); os: outlier scales [R].
     Activations (WEIGHT False) order the outlier parts h | h | l | l, weights h | l | h | l.
     Rows R .. R_out - 1 (padding) are written as zero codes with zero scales.
+    Without CODES a quantizer has written the codes of rows < R already (``x16="e4m3"``): only the padding rows'
+    codes, the outlier blocks and the scales are written.
     """
     pid_r = tl.program_id(0)
     gi = tl.program_id(1)
@@ -96,7 +98,12 @@ def _operand_kernel(
     dst = dst_ptr + r64 * s_dst
     if gi < G:
         k = tl.arange(0, HALF)
-        if X16:
+        if not CODES:
+            pad = (rmask & ~rin)[:, None]
+            zero = tl.zeros([BLOCK_R, HALF], dtype=tl.int8)
+            tl.store(dst + gi * 2 * HALF + k[None, :], zero, mask=pad)
+            tl.store(dst + gi * 2 * HALF + HALF + k[None, :], zero, mask=pad)
+        elif X16:
             src = q_ptr + r64 * s_q + gi * 2 * HALF + k[None, :]
             lo = tl.load(src, mask=rin[:, None], other=0) >> 4
             hi = tl.load(src + HALF, mask=rin[:, None], other=0) >> 4
@@ -104,8 +111,9 @@ def _operand_kernel(
             p = tl.load(q_ptr + r64 * s_q + gi * HALF + k[None, :], mask=rin[:, None], other=0)
             lo = (p << 4) >> 4
             hi = p >> 4
-        tl.store(dst + gi * 2 * HALF + k[None, :], _e4m3_bytes(lo), mask=rmask[:, None])
-        tl.store(dst + gi * 2 * HALF + HALF + k[None, :], _e4m3_bytes(hi), mask=rmask[:, None])
+        if CODES:
+            tl.store(dst + gi * 2 * HALF + k[None, :], _e4m3_bytes(lo), mask=rmask[:, None])
+            tl.store(dst + gi * 2 * HALF + HALF + k[None, :], _e4m3_bytes(hi), mask=rmask[:, None])
         if SCALES:
             s = tl.load(s_ptr + rows * s_s + gi, mask=rin, other=0.0)
             tl.store(sdst_ptr + gi * s_sdst + rows, s, mask=rmask)
@@ -137,7 +145,7 @@ def _padded_outliers(n_out: int) -> int:
     return triton.cdiv(n_out, BLOCK) * BLOCK
 
 
-def _launch(q, o, s, os_, dst, sdst, R, G, n_out, x16, weight, scales):
+def _launch(q, o, s, os_, dst, sdst, R, G, n_out, x16, weight, scales, codes=True):
     block_r = 64
     P = _padded_outliers(n_out)
     R_out = dst.shape[0]
@@ -145,23 +153,40 @@ def _launch(q, o, s, os_, dst, sdst, R, G, n_out, x16, weight, scales):
         q, o, s, os_, dst, sdst,
         R, R_out, G, n_out,
         q.stride(0), o.stride(0) if o.numel() else 0, s.stride(0), dst.stride(0), sdst.stride(0),
-        HALF=BLOCK // 2, P=P, BLOCK_R=block_r, X16=x16, WEIGHT=weight, SCALES=scales, num_warps=4)
+        HALF=BLOCK // 2, P=P, BLOCK_R=block_r, X16=x16, WEIGHT=weight, SCALES=scales, CODES=codes, num_warps=4)
 
 
 M_ALIGN = 16  # cuBLAS refused a token count not a multiple of 8 (the scales' leading dimension): rows are padded
 
 
+def operand_buffer(M: int, Kn: int, n_out: int, device) -> Tensor:
+    """An uninitialized activation operand [Mp, K'] (int8 bytes): Mp = M rounded up to M_ALIGN."""
+    Mp = triton.cdiv(M, M_ALIGN) * M_ALIGN
+    return torch.empty((Mp, Kn + 4 * _padded_outliers(n_out)), dtype=torch.int8, device=device)
+
+
 def blockscaled_operands(xq: Tensor, xs: Tensor, xo: Tensor, xos: Tensor, x_unpacked: bool) -> tuple[Tensor, Tensor]:
     """Activation qtensor -> (e4m3 operand [Mp, K'] (as int8 bytes), block scales transposed [K' / 128, Mp]),
-    Mp = M rounded up to M_ALIGN (the padding rows are zero)."""
+    Mp = M rounded up to M_ALIGN (the padding rows are zero).
+
+    ``xq`` may be e4m3 codes a quantizer wrote into an ``operand_buffer`` (``x16="e4m3"``: a [M, Kn] view of it);
+    then only the padding rows, the outlier blocks and the scales are written, in place."""
     M = xq.shape[0]
-    Mp = triton.cdiv(M, M_ALIGN) * M_ALIGN
-    Kn = xq.shape[1] if x_unpacked else 2 * xq.shape[1]
+    Kn = xq.shape[1] if x_unpacked or xq.dtype == torch.float8_e4m3fn else 2 * xq.shape[1]
     G, n_out = Kn // BLOCK, xo.shape[1]
-    Kt = Kn + 4 * _padded_outliers(n_out)
-    a8 = torch.empty((Mp, Kt), dtype=torch.int8, device=xq.device)
-    sa_t = torch.empty((Kt // BLOCK, Mp), dtype=torch.float32, device=xq.device)
-    _launch(xq, xo, xs, xos.reshape(-1), a8, sa_t, M, G, n_out, x_unpacked, False, True)
+    if xq.dtype == torch.float8_e4m3fn:
+        Mp = triton.cdiv(M, M_ALIGN) * M_ALIGN
+        Kt = Kn + 4 * _padded_outliers(n_out)
+        if xq.stride() != (Kt, 1) or xq.untyped_storage().nbytes() < xq.storage_offset() + Mp * Kt:
+            raise ValueError("e4m3 activations must be the [M, Kn] view of an operand_buffer (x16='e4m3')")
+        a8 = torch.as_strided(xq.view(torch.int8), (Mp, Kt), (Kt, 1))
+        codes = False
+    else:
+        a8 = operand_buffer(M, Kn, n_out, xq.device)
+        codes = True
+    sa_t = torch.empty((a8.shape[1] // BLOCK, a8.shape[0]), dtype=torch.float32, device=xq.device)
+    _launch(xq.view(torch.int8) if not codes else xq, xo, xs, xos.reshape(-1), a8, sa_t, M, G, n_out,
+            x_unpacked, False, True, codes)
     return a8, sa_t
 
 
@@ -171,7 +196,7 @@ def weight_operand(wq: Tensor, wo: Tensor, n_out: int) -> Tensor:
     Kt = G * BLOCK + 4 * _padded_outliers(n_out)
     w8 = torch.empty((N, Kt), dtype=torch.int8, device=wq.device)
     dummy = torch.empty(1, dtype=torch.float32, device=wq.device)
-    _launch(wq, wo, dummy, dummy, w8, dummy.reshape(1, 1), N, G, n_out, False, True, False)
+    _launch(wq, wo, dummy, dummy, w8, dummy.reshape(1, 1), N, G, n_out, False, True, False)  # (codes, no scales)
     return w8
 
 

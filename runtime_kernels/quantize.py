@@ -50,6 +50,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import fp8_blockscaled
+from .fp8_blockscaled import _e4m3_bytes
+
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 # exact maths only: no FMA contraction, no flush-to-zero in libdevice's div_rn
 _EXACT = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
@@ -108,7 +111,8 @@ def _magic_codes(v, QMIN: tl.constexpr, QMAX: tl.constexpr):
 def _int4_group_codes(y_lo, y_hi, clip, scale_ptrs, q_ptrs, mask2d, gmask, NATIVE: tl.constexpr,
                       X16: tl.constexpr = False, HALF: tl.constexpr = 64):
     """Quantize a tile of groups [G, g/2] x 2 (low / high halves), store scales and packed bytes, or with X16
-    16 * code as int8 at q_ptrs (low half) and q_ptrs + HALF (high half) (the W4A4 GEMM's MMA operand)."""
+    16 * code as int8 at q_ptrs (low half) and q_ptrs + HALF (high half) (the W4A4 GEMM's MMA operand), or with
+    X16 == 2 the codes' e4m3 bytes at the same places (the cuBLAS block-scaled GEMM's operand)."""
     amax = tl.maximum(tl.max(tl.abs(y_lo), axis=1), tl.max(tl.abs(y_hi), axis=1))
     scale = tl.math.div_rn(amax * clip, 7.0)
     tl.store(scale_ptrs, scale, mask=gmask)
@@ -117,7 +121,10 @@ def _int4_group_codes(y_lo, y_hi, clip, scale_ptrs, q_ptrs, mask2d, gmask, NATIV
     s = s[:, None]
     c_lo = _magic_codes(_div_rn(y_lo, s, r, NATIVE), -8, 7)
     c_hi = _magic_codes(_div_rn(y_hi, s, r, NATIVE), -8, 7)
-    if X16:
+    if X16 == 2:
+        tl.store(q_ptrs, _e4m3_bytes(c_lo), mask=mask2d)
+        tl.store(q_ptrs + HALF, _e4m3_bytes(c_hi), mask=mask2d)
+    elif X16:
         tl.store(q_ptrs, (c_lo * 16).to(tl.int8), mask=mask2d)
         tl.store(q_ptrs + HALF, (c_hi * 16).to(tl.int8), mask=mask2d)
     else:
@@ -365,11 +372,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _x16_mode(x16) -> int:
+    """The kernels' X16 constexpr: 0 packed nibbles, 1 int8 16 * code, 2 e4m3 codes (``x16="e4m3"``)."""
+    if x16 not in (False, True, "e4m3"):
+        raise ValueError(f"x16 must be False, True or 'e4m3', got {x16!r}")
+    return 2 if x16 == "e4m3" else int(bool(x16))
+
+
 def _outputs(x2: Tensor, lead, K: int, n_groups: int, group_size: int, n_out: int, outlier_format: str,
              x16: bool = False):
     M = x2.shape[0]
     dev = x2.device
-    q = torch.empty(M, n_groups * group_size // (1 if x16 else 2), dtype=torch.int8, device=dev)
+    if x16 == "e4m3":  # the codes' columns of the cuBLAS operand buffer (its outlier blocks are filled later)
+        q = fp8_blockscaled.operand_buffer(M, n_groups * group_size, n_out, dev)[:M, : n_groups * group_size]
+    else:
+        q = torch.empty(M, n_groups * group_size // (1 if x16 else 2), dtype=torch.int8, device=dev)
     scales = torch.empty(M, n_groups, dtype=torch.float32, device=dev)
     if n_out:
         outl = torch.empty(M, n_out, dtype=torch.int8, device=dev)
@@ -378,6 +395,11 @@ def _outputs(x2: Tensor, lead, K: int, n_groups: int, group_size: int, n_out: in
         outl = torch.empty(M, 0, dtype=x2.dtype if outlier_format == "fp16" else torch.int8, device=dev)
         os_ = torch.ones(M, 1, dtype=torch.float32, device=dev)
     return q, scales, outl, os_
+
+
+def _as_e4m3(q: Tensor, x16) -> Tensor:
+    """(The kernels store the e4m3 codes through an int8 view of the buffer; the caller gets them as e4m3.)"""
+    return q.view(torch.float8_e4m3fn) if x16 == "e4m3" else q
 
 
 def _shape(lead, q, scales, outl, os_):
@@ -407,7 +429,7 @@ def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_fo
     M = x2.shape[0]
     q, scales, outl, os_ = _outputs(x2, lead, K, n_groups, group_size, n_out, outlier_format, x16)
     if M == 0:
-        return _shape(lead, q, scales, outl, os_)
+        return _shape(lead, _as_e4m3(q, x16), scales, outl, os_)
     if perm is not None:
         if perm.shape != (K,) or perm.dtype not in (torch.int32, torch.int64):
             raise NotImplementedError(f"triton quantizer: perm {tuple(perm.shape)} {perm.dtype}")
@@ -443,9 +465,9 @@ def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_fo
         float(eps), float(clip),
         NORM=norm, HAS_PERM=perm is not None, X_DTYPE=_TL_DTYPES[x.dtype], Y_DTYPE=_TL_DTYPES[ydt],
         K_PAD=K_PAD, GROUP=group_size, N_GROUPS=n_groups, G_PAD=G_PAD, N_OUT=n_out, ROWS=rows_per_program,
-        NATIVE=not _interpreting(), X16=x16, PAIRS=pairs, num_warps=num_warps, **_EXACT, **_maxnreg(maxnreg),
+        NATIVE=not _interpreting(), X16=_x16_mode(x16), PAIRS=pairs, num_warps=num_warps, **_EXACT, **_maxnreg(maxnreg),
     )
-    return _shape(lead, q, scales, outl, os_)
+    return _shape(lead, _as_e4m3(q, x16), scales, outl, os_)
 
 
 def rms_norm_quant(x: Tensor, weight: Tensor, eps: float, perm: Tensor | None, fmt: str, group_size: int,
@@ -457,7 +479,8 @@ def rms_norm_quant(x: Tensor, weight: Tensor, eps: float, perm: Tensor | None, f
     Same contract as ``ops.rms_norm_quant_reference``; returns (q, scales, outliers, outlier_scales).
     One program holds a whole row in registers: one read of x, one write of each output.
     ``x16``: q is int8 [..., Kn] holding 16 * code in channel order (the W4A4 GEMM's ``x_unpacked`` input)
-    instead of the packed nibbles. ``pairs`` (default: 16-bit inputs): gather two rows per shared-memory round
+    instead of the packed nibbles; ``x16="e4m3"``: q is the codes as e4m3, an [M, Kn] view of a fresh cuBLAS
+    operand buffer (``fp8_blockscaled.operand_buffer``) that the large-M GEMM completes in place. ``pairs`` (default: 16-bit inputs): gather two rows per shared-memory round
     trip; False for the one-row path (A/B timing).
     """
     K, n_groups = _check(x, fmt, group_size, n_outliers, outlier_format)
@@ -488,7 +511,7 @@ def silu_mul_quant(gate: Tensor, up: Tensor, fmt: str, group_size: int, n_outlie
     M = g2.shape[0]
     q, scales, outl, os_ = _outputs(g2, lead, K, n_groups, group_size, n_outliers, outlier_format, x16)
     if M == 0:
-        return _shape(lead, q, scales, outl, os_)
+        return _shape(lead, _as_e4m3(q, x16), scales, outl, os_)
     GB = groups_per_step or min(triton.next_power_of_2(n_groups), max(1, 2048 // group_size))
     if chunks is None:  # few rows (decode): split each row over programs so that every SM has work
         chunks = max(1, min(triton.cdiv(n_groups, GB), (4 * _num_sms(gate.device)) // M))
@@ -497,9 +520,9 @@ def silu_mul_quant(gate: Tensor, up: Tensor, fmt: str, group_size: int, n_outlie
         M, g2.stride(0), u2.stride(0), q.stride(0), scales.stride(0), outl.stride(0), os_.stride(0),
         float(clip),
         H_DTYPE=_TL_DTYPES[gate.dtype], GROUP=group_size, N_GROUPS=n_groups, GB=GB, N_OUT=n_outliers,
-        NATIVE=not _interpreting(), X16=x16, CHUNKS=chunks, num_warps=num_warps or 4, **_EXACT,
+        NATIVE=not _interpreting(), X16=_x16_mode(x16), CHUNKS=chunks, num_warps=num_warps or 4, **_EXACT,
     )
-    return _shape(lead, q, scales, outl, os_)
+    return _shape(lead, _as_e4m3(q, x16), scales, outl, os_)
 
 
 __all__ = ["rms_norm_quant", "silu_mul_quant", "gather_quant"]

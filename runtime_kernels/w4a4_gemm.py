@@ -533,8 +533,9 @@ def w4a4_gemm(
     half = g // 2
     M = xq.shape[0]
     N, G, n_out = pw.N, pw.groups, pw.n_out
-    width = G * g if x_unpacked else G * half
-    if xq.dim() != 2 or xq.dtype != torch.int8 or xq.shape[1] != width:
+    e4m3 = xq.dtype == torch.float8_e4m3fn  # codes a quantizer wrote into the cuBLAS operand (x16="e4m3")
+    width = G * g if x_unpacked or e4m3 else G * half
+    if xq.dim() != 2 or xq.dtype not in (torch.int8, torch.float8_e4m3fn) or xq.shape[1] != width:
         raise ValueError(f"xq must be int8 [M, {width}] ({'unpacked' if x_unpacked else 'packed'}), "
                          f"got {xq.dtype} {tuple(xq.shape)}")
     if tuple(xs.shape) != (M, G):
@@ -557,6 +558,9 @@ def w4a4_gemm(
     if config is None and takes_blockscaled_path(M, N, g, out_dtype, xq.device):
         # (cuBLAS writes its own output tensor: copied into ``out`` only when the caller gave one)
         return fp8_blockscaled.blockscaled_gemm(xq, xs, xo, xos, pw, bias, out_dtype, out, x_unpacked)
+    if e4m3:
+        raise ValueError("e4m3 activations (a quantizer's x16='e4m3') are for the cuBLAS large-M path only: "
+                         f"M = {M}, N = {N}, group {g}, {out_dtype}, config {config} do not take it")
     if out is None:
         out = torch.empty((M, N), dtype=out_dtype, device=xq.device)
     if config is None:

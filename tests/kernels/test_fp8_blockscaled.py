@@ -117,3 +117,64 @@ def test_large_m_dispatch_matches_reference(bias, x16):
     assert not fb.supported(torch.device("cuda"), 128, 96, torch.float32)
     y32 = w4a4_gemm(xin, *xq[1:], pw, b, torch.float32, x_unpacked=x16)  # (the Triton kernel)
     assert rel_err(y32, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("quantizer", ["rms_norm_quant", "gather_quant", "silu_mul_quant"])
+def test_quantizers_write_the_operand(device, quantizer):
+    """x16="e4m3": a quantizer writes its codes as e4m3 into the cuBLAS operand buffer; completed in place (padding
+    rows, outlier blocks, scales), the operand equals the one built from its int8 16 * code output."""
+    from atom_compile import runtime_kernels as qk
+
+    M, K, n_out = 19, 640, 128
+    g = torch.Generator().manual_seed(21)
+    x = (torch.randn(M, K, generator=g) * 2).to(device, torch.bfloat16)
+    perm = torch.randperm(K, generator=g).to(device)
+    if quantizer == "rms_norm_quant":
+        w = (torch.rand(K, generator=g) + 0.5).to(device, torch.bfloat16)
+        run = lambda x16: qk.rms_norm_quant(x, w, 1e-5, perm, "int4", 128, n_out, "int8", 0.9, x16=x16)  # noqa: E731
+    elif quantizer == "gather_quant":
+        run = lambda x16: qk.gather_quant(x, perm, "int4", 128, n_out, "int8", 0.9, x16=x16)  # noqa: E731
+    else:
+        up = torch.randn(M, K, generator=g).to(device, torch.bfloat16)
+        run = lambda x16: qk.silu_mul_quant(x, up, "int4", 128, n_out, "int8", 0.9, x16=x16)  # noqa: E731
+    q16, xs, xo, xos = run(True)
+    qe, xs_e, xo_e, xos_e = run("e4m3")
+    assert qe.dtype == torch.float8_e4m3fn and qe.shape == (M, 512) and qe.stride() == (512 + 4 * 128, 1)
+    assert torch.equal(qe.float(), (q16.float() / 16)), "e4m3 codes = the int8 path's codes"
+    assert torch.equal(xs_e, xs) and torch.equal(xo_e, xo) and torch.equal(xos_e, xos)
+    a8, sa_t = fb.blockscaled_operands(qe, xs, xo, xos, x_unpacked=True)
+    a8_ref, sa_ref = fb.blockscaled_operands(q16, xs, xo, xos, x_unpacked=True)
+    assert a8.data_ptr() == qe.data_ptr(), "completed in place"
+    assert torch.equal(a8, a8_ref) and torch.equal(sa_t, sa_ref)
+    with pytest.raises(ValueError, match="operand_buffer"):
+        fb.blockscaled_operands(qe.contiguous(), xs, xo, xos, x_unpacked=True)
+
+
+def test_e4m3_codes_need_the_cublas_path(device):
+    """e4m3 codes are only the cuBLAS path's input: anywhere else (here: the interpreter, or too few tokens)
+    w4a4_gemm says so instead of misreading them."""
+    from atom_compile import runtime_kernels as qk
+
+    xq, wq, _ = make_case(19, 48, 640, 128, 128, seed=4, device=device, bias=False)
+    x = torch.randn(19, 640, device=device, dtype=torch.bfloat16)
+    qe, xs, xo, xos = qk.gather_quant(x, torch.arange(640, device=device), "int4", 128, 128, "int8", 0.9, x16="e4m3")
+    with pytest.raises(ValueError, match="cuBLAS large-M path only"):
+        w4a4_gemm(qe, xs, xo, xos, prepare_weight(*wq, 128), None, torch.bfloat16, x_unpacked=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the cuBLAS block-scaled FP8 path runs on Hopper GPUs")
+def test_quantizer_e4m3_handoff_equals_int8_handoff():
+    """A GEMM fed the quantizer's e4m3 operand gives exactly what it gives when fed the int8 16 * code codes."""
+    from atom_compile import runtime_kernels as qk
+
+    M, K = BLOCKSCALED_MIN_M + 5, 1536
+    _, wq, _ = make_case(8, 96, K, 128, 128, seed=6, device="cuda", bias=False)
+    pw = prepare_weight(*wq, 128)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    perm = torch.randperm(K, device="cuda")
+    q16, xs, xo, xos = qk.gather_quant(x, perm, "int4", 128, 128, "int8", 0.9, x16=True)
+    qe = qk.gather_quant(x, perm, "int4", 128, 128, "int8", 0.9, x16="e4m3")[0]
+    y16 = w4a4_gemm(q16, xs, xo, xos, pw, None, torch.bfloat16, x_unpacked=True)
+    ye = w4a4_gemm(qe, xs, xo, xos, pw, None, torch.bfloat16, x_unpacked=True)
+    assert torch.equal(ye, y16)
