@@ -90,7 +90,8 @@ class QuantizerBinding(Binding):
             gemms = [(getattr(gm, u.args[4].target).shape[0], u.args[11], u.args[14])
                      for g in node.users if g.args[1] == 0 for u in g.users]
             return (_X16Quantizer(self.fn, gemms), self.name,
-                    "one program per token row, fp32 statistics; codes written as int8 16 * code for the GEMM")
+                    "one program per token row, fp32 statistics; codes written as int8 16 * code for the GEMM "
+                    "(as e4m3 into its cuBLAS operand when the call takes the large-M path)")
         return self.fn, self.name, "one program per token row, fp32 statistics"
 
 
