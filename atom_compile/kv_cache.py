@@ -12,8 +12,31 @@ per-slot records through a block table.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 from torch import Tensor
+
+_EMPTY_CACHE_PREFILL = contextvars.ContextVar("atom_empty_cache_prefill", default=False)
+
+
+@contextlib.contextmanager
+def empty_cache_prefill(empty: bool = True):
+    """Tells the layers run inside it that every sequence's cache held nothing before this step (a prompt's
+    prefill), a fact the host knows and the device lengths would need a synchronization to reveal. The Triton
+    attention then attends over the step's own keys with a dense causal kernel (``attention_quant_kv``'s
+    ``empty_cache_prefill``). ``AtomCausalLM.forward`` sets it; call it yourself only around a layer whose
+    caches are empty before the call."""
+    token = _EMPTY_CACHE_PREFILL.set(bool(empty))
+    try:
+        yield
+    finally:
+        _EMPTY_CACHE_PREFILL.reset(token)
+
+
+def is_empty_cache_prefill() -> bool:
+    return _EMPTY_CACHE_PREFILL.get()
 
 
 def spec_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:

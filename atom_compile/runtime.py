@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from atom_compile.kv_cache import KVCache
+from atom_compile.kv_cache import KVCache, empty_cache_prefill
 from atom_compile.models import ArchInfo
 from atom_compile.ops import rms_norm_reference
 
@@ -63,6 +63,7 @@ class AtomForCausalLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
+        fresh = cache is None
         if cache is None:
             cache = self.new_cache(B, T)
         elif cache.batch_size != B:
@@ -76,8 +77,11 @@ class AtomForCausalLM(nn.Module):
         positions = cache.seqlens.long().unsqueeze(1) + torch.arange(T, device=input_ids.device)
         hidden = nn.functional.embedding(input_ids, self.embed_weight)
         cos, sin = self.rotary(hidden, positions)
-        for layer, caches in zip(self.layers, cache.layers):
-            hidden = layer(hidden, cos, sin, cache.seqlens, *caches)
+        # a prompt's prefill (every cache empty: one host read of the lengths, never in a T = 1 decode step)
+        empty = T > 1 and (fresh or not bool(cache.seqlens.any()))
+        with empty_cache_prefill(empty):
+            for layer, caches in zip(self.layers, cache.layers):
+                hidden = layer(hidden, cos, sin, cache.seqlens, *caches)
         cache.advance(T)
         hidden = rms_norm_reference(hidden, self.norm_weight, self.arch.rms_norm_eps, None)
         return nn.functional.linear(hidden, self.lm_head_weight)

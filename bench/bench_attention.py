@@ -8,7 +8,8 @@ Decode: batch 64, context 2048, 32 query heads of 128, with 32 KV heads (MHA) an
 64 + 64 code bytes and 8 param bytes per token and KV head, SDPA 512 (bf16 K and V). SDPA gets the same
 shapes with its default backend choice (``enable_gqa`` for GQA). Prefill: T = 2048 new tokens for B = 1
 and 4, on an empty cache (SDPA with is_causal) and after a 2048-token cache (SDPA with the equivalent
-boolean mask). Every configuration is checked against the reference op first (on the first sequences).
+boolean mask), with GQA 4; and 4096 tokens with MHA (the Llama-7B layer's prefill). On an empty cache a second row
+times the dense prefill path (``empty_cache_prefill=True``: K/V dequantized once, then SDPA). Every configuration is checked against the reference op first (on the first sequences).
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ def _prefill_rows(B, T, cached, Hq, Hkv, D, dev, sweep):
     flops = 4 * B * Hq * D * T * (cached + (T + 1) / 2)  # QK^T and PV over the visible keys
     label = f"prefill B={B} T={T} cached={cached} Hq={Hq} Hkv={Hkv} D={D}"
     configs = [("default", {})]
+    if cached == 0:  # a prompt's prefill, as the runtime runs it: K/V dequantized once, then SDPA (cuDNN)
+        configs.append(("dense prefill (empty_cache_prefill)", dict(empty_cache_prefill=True)))
     if sweep:
         configs += [(f"BM={bm},BN={bn},warps={w},stages={st}", dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st))
                     for bm, bn, w, st in ((128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 2),
@@ -121,7 +124,7 @@ def _prefill_rows(B, T, cached, Hq, Hkv, D, dev, sweep):
     rows = []
     for name, kw in configs:
         if kw:
-            _check(q, cache, lens, nb=1, **kw)
+            err = _check(q, cache, lens, nb=1, **kw)
         us = bench_us(lambda kw=kw: attention_quant_kv(q, *cache, lens, 4, max_seqlen=S, **kw))
         rows.append(dict(case=label, config=name, us=us, TFLOPs=flops / (us * 1e-6) / 1e12, sdpa_bf16_us=sdpa_us,
                          sdpa_TFLOPs=flops / (sdpa_us * 1e-6) / 1e12, speedup_vs_sdpa=sdpa_us / us, rel_err=err))
@@ -156,10 +159,12 @@ def main(argv=None):
     prefill = []
     if not args.skip_prefill:
         T = 256 if args.quick else 2048
-        for Bp, cached in ((1, 0), (4, 0), (1, T), (4, T)):
-            prefill += _prefill_rows(Bp, T, cached, Hq, Hq // 4, D, dev, args.sweep)
+        # GQA 4 at T, and the Llama-7B layer's prefill (MHA, 2T tokens: bench_layer's case)
+        for Bp, Tp, cached, Hkv in ((1, T, 0, Hq // 4), (4, T, 0, Hq // 4), (1, T, T, Hq // 4), (4, T, T, Hq // 4),
+                                    (1, 2 * T, 0, Hq)):
+            prefill += _prefill_rows(Bp, Tp, cached, Hq, Hkv, D, dev, args.sweep)
             torch.cuda.empty_cache()
-        report("Prefill over the 4-bit KV cache vs SDPA on bf16 K/V (GQA 4)", prefill, None)
+        report("Prefill over the 4-bit KV cache vs SDPA on bf16 K/V", prefill, None)
     if args.out:  # one JSON: the decode rows, the prefill rows under "prefill" (their columns differ)
         report("attention_quant_kv: decode (rows) and prefill", decode, args.out,
                extra={"prefill": prefill, "copy_bandwidth_gbs": copy_gbs, "sm_scale": 1 / math.sqrt(D)})

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from atom_compile import runtime_kernels as rk
+from atom_compile.kv_cache import is_empty_cache_prefill
 from atom_compile.ops import REFERENCE_IMPLS
 
 from .binding import Binding
@@ -133,13 +134,21 @@ class KVStoreBinding(Binding):
         return self.fn, self.name, "one program per block of (token, head) rows; fp16 (scale, zero)"
 
 
+def attention_quant_kv(q, k_cache, k_params, v_cache, v_params, kv_lens, bits):
+    """The Triton attention, told by the runtime whether this step is a prefill into empty caches."""
+    return rk.attention_quant_kv(q, k_cache, k_params, v_cache, v_params, kv_lens, bits,
+                                 empty_cache_prefill=is_empty_cache_prefill())
+
+
 class KVAttentionBinding(Binding):
     def bind(self, gm, node):
         bits = node.args[6]
         if bits != 4:
             return _reference(node.target, f"{bits}-bit KV")
         return self.fn, self.name, ("CUDA-core row kernel for one query row per KV head (MHA decode); split-KV "
-                                    "flash decoding for <= 64 query rows, flash-attention tiles above")
+                                    "flash decoding for <= 64 query rows, flash-attention tiles above; a prompt's "
+                                    f"prefill of >= {rk.kv_attention.DENSE_PREFILL_MIN_T} half-precision tokens: "
+                                    "K/V dequantized once, then torch SDPA (cuDNN)")
 
 
 class HadamardBinding(Binding):
@@ -168,5 +177,5 @@ BINDINGS.update({
                                "(reference op for other dtypes or a non-contiguous last dim)"),
     atom.quant_linear.default: GemmBinding(None, "triton:w4a4_gemm"),
     atom.kv_cache_store_quant.default: KVStoreBinding(rk.kv_cache_store_quant, "triton:kv_cache_store_quant"),
-    atom.attention_quant_kv.default: KVAttentionBinding(rk.attention_quant_kv, "triton:attention_quant_kv"),
+    atom.attention_quant_kv.default: KVAttentionBinding(attention_quant_kv, "triton:attention_quant_kv"),
 })

@@ -9,3 +9,4 @@ from .w4a4_gemm import Config as W4A4Config, PreparedWeight, prepare_weight, w4a
 from .hadamard import hadamard_heads  # noqa: F401
 from .rope import rope  # noqa: F401
 from .w4a4_gemm import takes_blockscaled_path  # noqa: F401
+from .kv_attention import kv_dequantize, takes_dense_prefill  # noqa: F401

@@ -7,14 +7,18 @@ multiply by its reciprocal, which can move a KV scale by one fp16 ulp).
 Stated bounds:
 - kv_cache_store_quant: codes, params and returned lengths bit-exact, untouched slots unchanged.
 - attention_quant_kv: ||out - ref|| / ||ref|| < 1e-5 for fp32 inputs; < 1e-2 for bf16 / fp16 inputs
-  (the output is rounded to 8 / 11 bits; on a GPU P is also rounded to fp16 for the P.V dot).
+  (the output is rounded to 8 / 11 bits; on a GPU P is also rounded to fp16 for the P.V dot). The same bound
+  for the dense prefill path (K/V rounded to q's dtype, then torch SDPA).
+- kv_dequantize: bit-exact (the reference's fp32 dequantization rounded to the output dtype).
 """
 
 import pytest
 import torch
 
 from atom_compile import ops
-from atom_compile.runtime_kernels.kv_attention import attention_config, attention_quant_kv, kv_cache_store_quant
+from atom_compile.runtime_kernels import kv_attention
+from atom_compile.runtime_kernels.kv_attention import (attention_config, attention_quant_kv, kv_cache_store_quant,
+                                                      kv_dequantize, takes_dense_prefill)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -184,3 +188,55 @@ def test_attention_unsupported_raise(device):
         attention_quant_kv(q, kc, kp, kc, kp, torch.ones(1, dtype=torch.int32, device=device), 4)
     with pytest.raises(NotImplementedError):  # 2-bit
         attention_quant_kv(q, kc, kp, kc, kp, torch.ones(1, dtype=torch.int32, device=device), 2)
+
+
+# ============================================================================ prefill from an empty cache
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D,n", [(128, 70), (64, 33)])
+def test_kv_dequantize_bit_exact(device, dtype, D, n):
+    g = _gen(D + n)
+    B, H, S = 2, 3, 80
+    kc, kp, _, _ = _filled_cache(B, H, S, D, device, g)
+    out = kv_dequantize(kc, kp, n, dtype)
+    ref = ops.kv_cache_dequantize(kc.cpu(), kp.cpu(), 4, n).to(dtype)
+    assert out.shape == (B, H, n, D) and out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(out.cpu(), ref)
+    assert ref.abs().max() > 1  # not a cache of zeros
+    with pytest.raises(NotImplementedError):
+        kv_dequantize(kc, kp, S + 1, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,S", [(2, 40, 4, 2, 64, 48), (1, 33, 2, 2, 128, 33)])
+def test_empty_cache_prefill_dense_path(device, monkeypatch, dtype, B, T, Hq, Hkv, D, S):
+    """A prompt's prefill (caches empty before the store): K/V dequantized once, then SDPA; against the reference
+    op and the tensor-core kernel on the same cache. Only taken when the caller says the caches were empty."""
+    monkeypatch.setattr(kv_attention, "DENSE_PREFILL_MIN_T", 16)
+    g = _gen(B * T + D)
+    cache = [torch.zeros(B, Hkv, S, D // 2, dtype=torch.uint8, device=device),
+             torch.zeros(B, Hkv, S, 2, dtype=torch.float16, device=device),
+             torch.zeros(B, Hkv, S, D // 2, dtype=torch.uint8, device=device),
+             torch.zeros(B, Hkv, S, 2, dtype=torch.float16, device=device)]
+    k, v = _kv(B, T, Hkv, D, dtype, device, g), _kv(B, T, Hkv, D, dtype, device, g)
+    kv_lens = kv_cache_store_quant(k, v, *cache, torch.zeros(B, dtype=torch.int32, device=device), 4, 1.0)
+    q = (torch.randn(B, T, Hq * D, generator=g) * 2).to(dtype).to(device)
+    assert takes_dense_prefill(q, cache[0], True)
+    assert not takes_dense_prefill(q, cache[0], False)  # the caller did not say the caches were empty
+    assert not takes_dense_prefill(q.float(), cache[0], True)  # fp32 stays on the Triton kernel
+    assert not takes_dense_prefill(q[:, :15], cache[0], True)  # below DENSE_PREFILL_MIN_T
+    dense = attention_quant_kv(q, *cache, kv_lens, 4, empty_cache_prefill=True).cpu()
+    tiles = attention_quant_kv(q, *cache, kv_lens, 4).cpu()
+    ref = ops.attention_quant_kv_reference(*(t.cpu() for t in (q, *cache, kv_lens)), 4)
+    assert dense.shape == ref.shape and dense.dtype == dtype and torch.isfinite(dense).all()
+    assert _rel(dense, ref) < TOL[dtype] and _rel(dense, tiles) < TOL[dtype]
+    out = torch.empty_like(q)  # out= is honoured on this path too
+    attention_quant_kv(q, *cache, kv_lens, 4, empty_cache_prefill=True, out=out)
+    assert torch.equal(out.cpu(), dense)
+
+
+def test_dense_prefill_needs_the_keys_in_the_cache(device, monkeypatch):
+    """More queries than cache slots (the store dropped the overflow): not the dense path."""
+    monkeypatch.setattr(kv_attention, "DENSE_PREFILL_MIN_T", 4)
+    q = torch.randn(1, 9, 2 * 64, dtype=torch.bfloat16, device=device)
+    assert not takes_dense_prefill(q, torch.zeros(1, 2, 8, 32, dtype=torch.uint8, device=device), True)
+    assert takes_dense_prefill(q, torch.zeros(1, 2, 9, 32, dtype=torch.uint8, device=device), True)

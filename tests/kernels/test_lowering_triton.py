@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import atom_compile
 from atom_compile import AtomConfig
+from atom_compile import runtime_kernels as rk
 from atom_compile.lowering import relower
 
 
@@ -79,6 +80,33 @@ def test_quantizer_keeps_packed_codes_when_a_reader_falls_back(tiny, device):
     ids = torch.randint(0, 64, (2, 12), device=device)
     a, b = ref(ids), tri(ids)
     assert ((a - b).norm() / a.norm()).item() < TOL
+
+
+def test_runtime_tells_attention_when_the_caches_are_empty(tiny, device, monkeypatch):
+    """The model's forward knows on the host when a step is a prompt's prefill (every cache empty): the Triton
+    attention is told so (its dense prefill path), and only then."""
+    q = atom_compile.compile(tiny, torch.randint(0, 64, (2, 16), device=device), AtomConfig(group_size=64, n_outliers=64),
+                             progress=False, backend="triton")
+    seen = []
+    kernel = rk.attention_quant_kv
+
+    def spy(*args, empty_cache_prefill=False, **kw):
+        seen.append(empty_cache_prefill)
+        return kernel(*args, empty_cache_prefill=empty_cache_prefill, **kw)
+
+    monkeypatch.setattr(rk, "attention_quant_kv", spy)
+    ids = torch.randint(0, 64, (2, 12), device=device)
+    q(ids)  # no cache given: a fresh one
+    cache = q.new_cache(2, 16)
+    q(ids[:, :8], cache)  # the prompt
+    q(ids[:, 8:9], cache)  # a decode step
+    q(ids[:, 9:12], cache)  # a second chunk after the prompt
+    n = len(q.layers)
+    assert seen == [True] * n + [True] * n + [False] * n + [False] * n
+    cache.set_lengths([0, 0])  # emptied again: the next prompt is a prefill into empty caches
+    seen.clear()
+    q(ids[:, :4], cache)
+    assert seen == [True] * n
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on the H100)")
