@@ -23,7 +23,9 @@ is two dots of depth D/2 with no interleaving. The softmax is online (flash atte
 the exponentials are exp2 with log2(e) folded into the scale.
 
 Two attention kernels: the CUDA-core row kernel for one query row per KV head (MHA decode: scores and
-values in fp32 FMAs, whatever the query dtype) and the tensor-core kernel for everything else.
+values in fp32 FMAs, whatever the query dtype) and the tensor-core kernel for everything else; plus, for a
+prompt's prefill into empty caches (the caller says so), the new keys and values dequantized once by
+``kv_dequantize`` and attended by torch SDPA (cuDNN's flash kernel on an H100).
 Precision of the tensor-core dots: fp32 queries use fp32 FMA dots (``input_precision="ieee"``); bf16 / fp16
 queries use their own dtype for Q.K (queries and codes exact, fp32 accumulation) and fp16 for P.V
 with P * s normalized by the tile's largest s (so that P in [0, 1] keeps fp16's 11 bits).
