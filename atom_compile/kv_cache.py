@@ -18,25 +18,26 @@ import contextvars
 import torch
 from torch import Tensor
 
-_EMPTY_CACHE_PREFILL = contextvars.ContextVar("atom_empty_cache_prefill", default=False)
+_UNIFORM_CACHE_LENGTH: contextvars.ContextVar[int | None] = contextvars.ContextVar("atom_uniform_cache_length",
+                                                                                default=None)
 
 
 @contextlib.contextmanager
-def empty_cache_prefill(empty: bool = True):
-    """Tells the layers run inside it that every sequence's cache held nothing before this step (a prompt's
-    prefill), a fact the host knows and the device lengths would need a synchronization to reveal. The Triton
-    attention then attends over the step's own keys with a dense causal kernel (``attention_quant_kv``'s
-    ``empty_cache_prefill``). ``AtomCausalLM.forward`` sets it; call it yourself only around a layer whose
-    caches are empty before the call."""
-    token = _EMPTY_CACHE_PREFILL.set(bool(empty))
+def uniform_cache_length(n: int | None):
+    """Tells the layers run inside it that every sequence's cache held exactly ``n`` tokens before this step
+    (0: a prompt's prefill; None: unknown or unequal), a fact the host knows and the device lengths would need a
+    synchronization to reveal. The Triton attention then attends with cuDNN's flash kernel over the dequantized
+    cache (``attention_quant_kv``'s ``prefix_len``). ``AtomForCausalLM.forward`` sets it; set it yourself only
+    around a layer whose caches all hold ``n`` tokens before the call."""
+    token = _UNIFORM_CACHE_LENGTH.set(n)
     try:
         yield
     finally:
-        _EMPTY_CACHE_PREFILL.reset(token)
+        _UNIFORM_CACHE_LENGTH.reset(token)
 
 
-def is_empty_cache_prefill() -> bool:
-    return _EMPTY_CACHE_PREFILL.get()
+def current_uniform_cache_length() -> int | None:
+    return _UNIFORM_CACHE_LENGTH.get()
 
 
 def spec_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:

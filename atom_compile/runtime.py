@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from atom_compile.kv_cache import KVCache, empty_cache_prefill
+from atom_compile.kv_cache import KVCache, uniform_cache_length
 from atom_compile.models import ArchInfo
 from atom_compile.ops import rms_norm_reference
 
@@ -77,9 +77,13 @@ class AtomForCausalLM(nn.Module):
         positions = cache.seqlens.long().unsqueeze(1) + torch.arange(T, device=input_ids.device)
         hidden = nn.functional.embedding(input_ids, self.embed_weight)
         cos, sin = self.rotary(hidden, positions)
-        # a prompt's prefill (every cache empty: one host read of the lengths, never in a T = 1 decode step)
-        empty = T > 1 and (fresh or not bool(cache.seqlens.any()))
-        with empty_cache_prefill(empty):
+        # the cache length every sequence shares before a multi-token step, if they share one (a fresh cache: 0;
+        # else one host read of the lengths, never in a T = 1 decode step, which CUDA graphs capture)
+        held = None
+        if T > 1:
+            lengths = [0] if fresh else cache.seqlens.tolist()
+            held = lengths[0] if all(n == lengths[0] for n in lengths) else None
+        with uniform_cache_length(held):
             for layer, caches in zip(self.layers, cache.layers):
                 hidden = layer(hidden, cos, sin, cache.seqlens, *caches)
         cache.advance(T)

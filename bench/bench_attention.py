@@ -8,8 +8,9 @@ Decode: batch 64, context 2048, 32 query heads of 128, with 32 KV heads (MHA) an
 64 + 64 code bytes and 8 param bytes per token and KV head, SDPA 512 (bf16 K and V). SDPA gets the same
 shapes with its default backend choice (``enable_gqa`` for GQA). Prefill: T = 2048 new tokens for B = 1
 and 4, on an empty cache (SDPA with is_causal) and after a 2048-token cache (SDPA with the equivalent
-boolean mask), with GQA 4; and 4096 tokens with MHA (the Llama-7B layer's prefill). On an empty cache a second row
-times the dense prefill path (``empty_cache_prefill=True``: K/V dequantized once, then SDPA). Every configuration is checked against the reference op first (on the first sequences).
+boolean mask), with GQA 4; and 4096 tokens with MHA (the Llama-7B layer's prefill). A second row per case times the
+dense prefill path (``prefix_len``: K/V dequantized once, then cuDNN's flash attention), which the runtime takes when
+every sequence's cache held the same number of tokens before the step. Every configuration is checked against the reference op first (on the first sequences).
 """
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ def _prefill_rows(B, T, cached, Hq, Hkv, D, dev, sweep):
     flops = 4 * B * Hq * D * T * (cached + (T + 1) / 2)  # QK^T and PV over the visible keys
     label = f"prefill B={B} T={T} cached={cached} Hq={Hq} Hkv={Hkv} D={D}"
     configs = [("default", {})]
-    if cached == 0:  # a prompt's prefill, as the runtime runs it: K/V dequantized once, then SDPA (cuDNN)
-        configs.append(("dense prefill (empty_cache_prefill)", dict(empty_cache_prefill=True)))
+    # as the runtime runs a prefill after equal cache lengths: K/V dequantized once, then cuDNN's flash attention
+    configs.append((f"dense prefill (prefix_len={cached})", dict(prefix_len=cached)))
     if sweep:
         configs += [(f"BM={bm},BN={bn},warps={w},stages={st}", dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st))
                     for bm, bn, w, st in ((128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 2),

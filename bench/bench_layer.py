@@ -25,7 +25,7 @@ from atom_compile.calibration import LayerCalibration
 from atom_compile.capture import capture_layer
 from atom_compile.cli import _parse_overrides
 from atom_compile.config import get_config
-from atom_compile.kv_cache import allocate_layer_cache, empty_cache_prefill
+from atom_compile.kv_cache import allocate_layer_cache, uniform_cache_length
 from atom_compile.lowering import lower
 from atom_compile.models import check_architecture
 from atom_compile.ops import _rms_norm, rope_reference
@@ -198,10 +198,8 @@ def run(quick: bool, out: str | None, config_name: str, overrides: dict | None =
             fill_quant_cache(kq, ctx_len)
             seqlens = torch.full((B,), ctx_len, dtype=torch.int32, device=DEV)
             kb, vb = (torch.randn(B, Hkv, S, D, device=DEV, dtype=DT) for _ in range(2))
-            empty = ctx_len == 0  # a prompt's prefill: the runtime tells the layer its caches were empty
-
-            def call(fn, hint=empty):
-                with empty_cache_prefill(hint):
+            def call(fn, hint=ctx_len):  # as the runtime does: every sequence's cache held ctx_len tokens
+                with uniform_cache_length(hint if T > 1 else None):
                     return fn(x, cos, sin, seqlens, *kq)
 
             # correctness: the Triton layer against the same graph on the reference ops
@@ -216,9 +214,9 @@ def run(quick: bool, out: str | None, config_name: str, overrides: dict | None =
                          "speedup_vs_fused": t_fused / t_atom, "rel_err_vs_reference": rel})
             for vname in VARIANTS if variants else ():
                 if vname == "atom, prefill attention on the Triton kernel":
-                    if not empty:
+                    if T == 1:
                         continue
-                    t_v = bench_us(lambda: call(atom, hint=False))
+                    t_v = bench_us(lambda: call(atom, hint=None))
                 else:
                     fn = _variant(vname, atom, layer, cfg, config_name, overrides)
                     t_v = bench_us(lambda fn=fn: call(fn))

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from atom_compile import runtime_kernels as rk
-from atom_compile.kv_cache import is_empty_cache_prefill
+from atom_compile.kv_cache import current_uniform_cache_length
 from atom_compile.ops import REFERENCE_IMPLS
 
 from .binding import Binding
@@ -135,9 +135,9 @@ class KVStoreBinding(Binding):
 
 
 def attention_quant_kv(q, k_cache, k_params, v_cache, v_params, kv_lens, bits):
-    """The Triton attention, told by the runtime whether this step is a prefill into empty caches."""
+    """The Triton attention, told by the runtime the cache length all sequences shared before this step, if any."""
     return rk.attention_quant_kv(q, k_cache, k_params, v_cache, v_params, kv_lens, bits,
-                                 empty_cache_prefill=is_empty_cache_prefill())
+                                 prefix_len=current_uniform_cache_length())
 
 
 class KVAttentionBinding(Binding):
@@ -146,9 +146,9 @@ class KVAttentionBinding(Binding):
         if bits != 4:
             return _reference(node.target, f"{bits}-bit KV")
         return self.fn, self.name, ("CUDA-core row kernel for one query row per KV head (MHA decode); split-KV "
-                                    "flash decoding for <= 64 query rows, flash-attention tiles above; a prompt's "
-                                    f"prefill of >= {rk.kv_attention.DENSE_PREFILL_MIN_T} half-precision tokens: "
-                                    "K/V dequantized once, then torch SDPA (cuDNN)")
+                                    "flash decoding for <= 64 query rows, flash-attention tiles above; a prefill of >= "
+                                    f"{rk.kv_attention.DENSE_PREFILL_MIN_T} half-precision tokens after equal "
+                                    "cache lengths: K/V dequantized once, then cuDNN's flash attention")
 
 
 class HadamardBinding(Binding):

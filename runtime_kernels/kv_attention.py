@@ -24,8 +24,8 @@ the exponentials are exp2 with log2(e) folded into the scale.
 
 Two attention kernels: the CUDA-core row kernel for one query row per KV head (MHA decode: scores and
 values in fp32 FMAs, whatever the query dtype) and the tensor-core kernel for everything else; plus, for a
-prompt's prefill into empty caches (the caller says so), the new keys and values dequantized once by
-``kv_dequantize`` and attended by torch SDPA (cuDNN's flash kernel on an H100).
+prefill into caches whose lengths the caller knows to be equal (empty for a prompt), the keys and values
+dequantized once by ``kv_dequantize`` and attended by cuDNN's flash kernel (through torch).
 Precision of the tensor-core dots: fp32 queries use fp32 FMA dots (``input_precision="ieee"``); bf16 / fp16
 queries use their own dtype for Q.K (queries and codes exact, fp32 accumulation) and fp16 for P.V
 with P * s normalized by the tile's largest s (so that P in [0, 1] keeps fp16's 11 bits).
@@ -613,9 +613,12 @@ def _combine_kernel(po_ptr, pml_ptr, o_ptr, n_rows, T, HQ, n_splits, stride_ob, 
 # ============================================================================ prefill from an empty cache
 @triton.jit
 def _kv_dequant_kernel(c_ptr, p_ptr, o_ptr, n_slots, H, stride_cb, stride_ch, stride_cs, stride_pb, stride_ph,
-                       stride_ps, D: tl.constexpr, BLOCK_S: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """Slots [0, n_slots) of one (sequence, KV head) -> (code - zero) * scale in the output's dtype, [B, H, n, D].
-    Grid: (cdiv(n_slots, BLOCK_S), B * H). Low nibbles are dims [0, D/2), high nibbles dims [D/2, D)."""
+                       stride_ps, D: tl.constexpr, BLOCK_S: tl.constexpr, REPEAT: tl.constexpr,
+                       ROUND_BF16: tl.constexpr):
+    """Slots [0, n_slots) of one (sequence, KV head) -> (code - zero) * scale in the output's dtype, written to
+    output heads h * REPEAT .. h * REPEAT + REPEAT - 1 of [B, H * REPEAT, n, D] (REPEAT > 1: K/V expanded for the
+    GQA query heads that read them). Grid: (cdiv(n_slots, BLOCK_S), B * H). Low nibbles are dims [0, D/2), high
+    nibbles dims [D/2, D)."""
     HALF: tl.constexpr = D // 2
     bh = tl.program_id(1)
     b = bh // H
@@ -633,55 +636,120 @@ def _kv_dequant_kernel(c_ptr, p_ptr, o_ptr, n_slots, H, stride_cb, stride_ch, st
     if ROUND_BF16:  # the CPU interpreter's bf16 cast truncates; round to nearest even first
         lo = _round_bf16(lo)
         hi = _round_bf16(hi)
-    obase = o_ptr + bh.to(tl.int64) * n_slots * D + slot[:, None].to(tl.int64) * D + dd[None, :]
-    tl.store(obase, lo.to(o_ptr.dtype.element_ty), mask=m2)
-    tl.store(obase + HALF, hi.to(o_ptr.dtype.element_ty), mask=m2)
+    lo = lo.to(o_ptr.dtype.element_ty)
+    hi = hi.to(o_ptr.dtype.element_ty)
+    for j in tl.static_range(REPEAT):
+        oh = bh.to(tl.int64) * REPEAT + j
+        obase = o_ptr + oh * n_slots * D + slot[:, None].to(tl.int64) * D + dd[None, :]
+        tl.store(obase, lo, mask=m2)
+        tl.store(obase + HALF, hi, mask=m2)
 
 
-def kv_dequantize(cache: Tensor, params: Tensor, n_slots: int, dtype: torch.dtype) -> Tensor:
-    """The first ``n_slots`` slots of a 4-bit cache as a contiguous [B, H_kv, n_slots, D] tensor of ``dtype``:
-    bit-exact ``ops.kv_cache_dequantize(cache, params, 4, n_slots)`` (fp32 maths) rounded to ``dtype``."""
+def kv_dequantize(cache: Tensor, params: Tensor, n_slots: int, dtype: torch.dtype, repeat: int = 1) -> Tensor:
+    """The first ``n_slots`` slots of a 4-bit cache as a contiguous [B, H_kv * repeat, n_slots, D] tensor of
+    ``dtype`` (each KV head ``repeat`` times in a row, as GQA's query heads read them): bit-exact
+    ``ops.kv_cache_dequantize(cache, params, 4, n_slots)`` (fp32 maths) rounded to ``dtype``."""
     B, H, S, Dh = cache.shape
     D = 2 * Dh
-    if not 0 <= n_slots <= S or D not in (64, 128) or dtype not in _TL_DTYPES:
+    if not 0 <= n_slots <= S or D not in (64, 128) or dtype not in _TL_DTYPES or repeat < 1:
         raise NotImplementedError(f"triton kv_dequantize: cache {tuple(cache.shape)}, {n_slots} slots, {dtype}")
     if cache.dtype != torch.uint8 or params.dtype != torch.float16 or params.shape != (B, H, S, 2) \
             or cache.stride(-1) != 1 or params.stride(-1) != 1 or any(st % 2 for st in params.stride()[:3]) \
             or params.storage_offset() % 2:
         raise NotImplementedError("triton kv_dequantize: cache layout")
-    out = torch.empty(B, H, n_slots, D, dtype=dtype, device=cache.device)
+    out = torch.empty(B, H * repeat, n_slots, D, dtype=dtype, device=cache.device)
     if out.numel():
         p32 = params.view(torch.int32)
         BLOCK_S = 64
         _kv_dequant_kernel[(triton.cdiv(n_slots, BLOCK_S), B * H)](
             cache, p32, out, n_slots, H, *cache.stride()[:3], *p32.stride()[:3], D=D, BLOCK_S=BLOCK_S,
-            ROUND_BF16=_interpreting() and dtype == torch.bfloat16, num_warps=4, **_EXACT,
+            REPEAT=repeat, ROUND_BF16=_interpreting() and dtype == torch.bfloat16, num_warps=4, **_EXACT,
         )
     return out
 
 
-# Queries from which a prefill from an empty cache dequantizes the new keys and values once and runs torch's SDPA
-# (cuDNN's flash attention on an H100) instead of the Triton tensor-core kernel; see attention_quant_kv.
+@triton.jit
+def _merge_kernel(o1_ptr, l1_ptr, o2_ptr, l2_ptr, out_ptr, n_rows, T, H,
+                  s1_b, s1_h, s1_t, s2_b, s2_h, s2_t, sl1_b, sl1_h, sl1_t, sl2_b, sl2_h, sl2_t, so_b, so_t,
+                  D: tl.constexpr, ROWS: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """out[b, t, h*D:(h+1)*D] = the softmax-weighted merge of two partial attentions of row (b, h, t) over disjoint
+    key sets, from their outputs o1, o2 ([B, H, T, D] strided) and log-sum-exps l1, l2 (natural log).
+    Grid: cdiv(B * H * T, ROWS); rows are (b, h, t) in that order."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = rows < n_rows
+    r64 = rows.to(tl.int64)
+    b = r64 // (H * T)
+    h = (r64 // T) % H
+    t = r64 % T
+    dd = tl.arange(0, D)
+    m2 = ok[:, None] & (dd[None, :] >= 0)
+    l1 = tl.load(l1_ptr + b * sl1_b + h * sl1_h + t * sl1_t, mask=ok, other=0.0).to(tl.float32)
+    l2 = tl.load(l2_ptr + b * sl2_b + h * sl2_h + t * sl2_t, mask=ok, other=0.0).to(tl.float32)
+    m = tl.maximum(l1, l2)
+    w1 = tl.exp(l1 - m)
+    w2 = tl.exp(l2 - m)
+    inv = 1.0 / (w1 + w2)
+    o1 = tl.load(o1_ptr + (b * s1_b + h * s1_h + t * s1_t)[:, None] + dd[None, :], mask=m2, other=0.0)
+    o2 = tl.load(o2_ptr + (b * s2_b + h * s2_h + t * s2_t)[:, None] + dd[None, :], mask=m2, other=0.0)
+    o = o1.to(tl.float32) * (w1 * inv)[:, None] + o2.to(tl.float32) * (w2 * inv)[:, None]
+    if ROUND_BF16:
+        o = _round_bf16(o)
+    tl.store(out_ptr + (b * so_b + t * so_t + h * D)[:, None] + dd[None, :], o.to(out_ptr.dtype.element_ty), mask=m2)
+
+
+# Queries from which a prompt's prefill (or a chunk after a prefix every sequence shares) dequantizes the keys and
+# values once and runs cuDNN's flash attention instead of the Triton tensor-core kernel; see attention_quant_kv.
 DENSE_PREFILL_MIN_T = 256
 
 
-def takes_dense_prefill(q: Tensor, k_cache: Tensor, empty_cache_prefill: bool) -> bool:
-    """Whether ``attention_quant_kv`` dequantizes and calls SDPA for these arguments."""
+def takes_dense_prefill(q: Tensor, k_cache: Tensor, prefix_len: int | None) -> bool:
+    """Whether ``attention_quant_kv`` dequantizes and calls torch's attention for these arguments."""
     T = q.shape[1]
-    return (empty_cache_prefill and DENSE_PREFILL_MIN_T <= T <= k_cache.shape[2]
-            and q.dtype in (torch.bfloat16, torch.float16) and (q.is_cuda or _interpreting()))
+    return (prefix_len is not None and prefix_len >= 0 and DENSE_PREFILL_MIN_T <= T
+            and prefix_len + T <= k_cache.shape[2] and q.dtype in (torch.bfloat16, torch.float16)
+            and (q.is_cuda or _interpreting()))
 
 
-def _dense_prefill(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Tensor, v_params: Tensor) -> Tensor:
-    """Causal attention of T queries over the T keys just stored (every sequence's cache held nothing before)."""
+def _attend_with_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """(softmax(q k^T * scale) v, log-sum-exp) on [B, H, T, D] with as many K/V heads as query heads: cuDNN's
+    flash kernel on a GPU, torch's CPU flash kernel elsewhere (under the interpreter)."""
+    if q.is_cuda:
+        o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                                   scale=scale)[:2]
+    else:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return o, lse.reshape(q.shape[:3])
+
+
+def _dense_prefill(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Tensor, v_params: Tensor,
+                   prefix_len: int) -> Tensor:
+    """Causal attention of T queries after a prefix of ``prefix_len`` keys every sequence holds (0: a prompt's
+    prefill, the keys are the T just stored). With no prefix: one SDPA call (is_causal). With one: the queries see
+    every prefix key and their own keys causally, two attentions whose outputs merge by their log-sum-exps."""
     B, T, HD = q.shape
     Hkv, D = k_cache.shape[1], 2 * k_cache.shape[3]
     Hq = HD // D
-    k = kv_dequantize(k_cache, k_params, T, q.dtype)
-    v = kv_dequantize(v_cache, v_params, T, q.dtype)
-    o = torch.nn.functional.scaled_dot_product_attention(
-        q.view(B, T, Hq, D).transpose(1, 2), k, v, is_causal=True, enable_gqa=Hq != Hkv)
-    return o.transpose(1, 2).reshape(B, T, HD)
+    qh = q.view(B, T, Hq, D).transpose(1, 2)
+    if prefix_len == 0:
+        k = kv_dequantize(k_cache, k_params, T, q.dtype)
+        v = kv_dequantize(v_cache, v_params, T, q.dtype)
+        o = torch.nn.functional.scaled_dot_product_attention(qh, k, v, is_causal=True, enable_gqa=Hq != Hkv)
+        return o.transpose(1, 2).reshape(B, T, HD)
+    L = prefix_len + T
+    k = kv_dequantize(k_cache, k_params, L, q.dtype, repeat=Hq // Hkv)  # [B, Hq, L, D]
+    v = kv_dequantize(v_cache, v_params, L, q.dtype, repeat=Hq // Hkv)
+    scale = 1.0 / math.sqrt(D)
+    o1, l1 = _attend_with_lse(qh, k[:, :, :prefix_len], v[:, :, :prefix_len], False, scale)
+    o2, l2 = _attend_with_lse(qh, k[:, :, prefix_len:], v[:, :, prefix_len:], True, scale)
+    out = torch.empty_like(q)
+    n_rows = B * Hq * T
+    ROWS = 16
+    _merge_kernel[(triton.cdiv(n_rows, ROWS),)](
+        o1, l1, o2, l2, out, n_rows, T, Hq, *o1.stride()[:3], *o2.stride()[:3], *l1.stride(), *l2.stride(),
+        out.stride(0), out.stride(1), D=D, ROWS=ROWS, ROUND_BF16=_interpreting() and q.dtype == torch.bfloat16,
+        num_warps=4,
+    )
+    return out
 
 
 def _decode_splits(base_programs: int, max_seqlen: int, block_n: int, n_sm: int, per_sm: int = 4) -> int:
@@ -749,7 +817,7 @@ def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Te
                        kv_lens: Tensor, bits: int = 4, *, max_seqlen: int | None = None, num_splits: int | None = None,
                        block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                        num_stages: int | None = None, maxnreg: int | None = None, row_kernel: bool | None = None,
-                       acc_rows: int | None = None, out: Tensor | None = None, empty_cache_prefill: bool = False
+                       acc_rows: int | None = None, out: Tensor | None = None, prefix_len: int | None = None
                        ) -> Tensor:
     """Causal GQA attention of q [B, T, Hq * D] over the 4-bit cache; query t of sequence b sits at position
     kv_lens[b] - T + t. Same contract as ``ops.attention_quant_kv_reference`` (a row that sees no key gives 0
@@ -762,11 +830,13 @@ def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Te
     (GQA decode, small chunks) use split-KV (flash decoding) and a combine kernel; longer chunks use
     flash-attention tiles of 128 rows, one launch.
 
-    ``empty_cache_prefill``: the caller knows that every sequence's cache was empty before this call's keys were
-    stored (kv_lens == T everywhere; a prompt's prefill). Then, for half-precision queries and T >=
-    ``DENSE_PREFILL_MIN_T``, the T new keys and values are dequantized once (``kv_dequantize``, in q's dtype) and
-    torch's SDPA runs the causal attention (cuDNN's flash attention on an H100: 2.3x the tensor-core kernel's rate
-    at 4096 tokens, bench_attention). The values attended are the same 4-bit cache values, rounded to q's dtype.
+    ``prefix_len``: the caller knows that every sequence's cache held exactly ``prefix_len`` keys before this call
+    stored its T (kv_lens == prefix_len + T everywhere; 0 for a prompt's prefill). Then, for half-precision queries
+    and T >= ``DENSE_PREFILL_MIN_T``, the keys and values are dequantized once (``kv_dequantize``, in q's dtype)
+    and cuDNN's flash attention runs the causal attention (2.2x the tensor-core kernel's rate on an H100,
+    bench_attention): through SDPA with ``is_causal`` when there is no prefix; as the prefix (all visible) and the
+    new keys (causal) attended separately and merged by their log-sum-exps when there is one. The values attended
+    are the same 4-bit cache values, rounded to q's dtype.
     """
     if bits != 4:
         raise NotImplementedError(f"triton attention_quant_kv: bits={bits} (4 only)")
@@ -788,8 +858,8 @@ def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Te
     Hq = HD // D
     G = Hq // Hkv
     q = q if q.stride(-1) == 1 else q.contiguous()
-    if B and takes_dense_prefill(q, k_cache, empty_cache_prefill):
-        o = _dense_prefill(q, k_cache, k_params, v_cache, v_params)
+    if B and takes_dense_prefill(q, k_cache, prefix_len):
+        o = _dense_prefill(q, k_cache, k_params, v_cache, v_params, prefix_len)
         return o if out is None else out.copy_(o)
     o = torch.empty_like(q) if out is None else out
     if B == 0 or T == 0:

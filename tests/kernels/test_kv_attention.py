@@ -207,36 +207,48 @@ def test_kv_dequantize_bit_exact(device, dtype, D, n):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,T,Hq,Hkv,D,S", [(2, 40, 4, 2, 64, 48), (1, 33, 2, 2, 128, 33)])
-def test_empty_cache_prefill_dense_path(device, monkeypatch, dtype, B, T, Hq, Hkv, D, S):
-    """A prompt's prefill (caches empty before the store): K/V dequantized once, then SDPA; against the reference
-    op and the tensor-core kernel on the same cache. Only taken when the caller says the caches were empty."""
+@pytest.mark.parametrize("B,T,P,Hq,Hkv,D,S", [(2, 40, 0, 4, 2, 64, 48), (1, 33, 0, 2, 2, 128, 33),
+                                               (2, 20, 13, 4, 2, 64, 40), (1, 17, 30, 2, 2, 128, 47)])
+def test_dense_prefill_path(device, monkeypatch, dtype, B, T, P, Hq, Hkv, D, S):
+    """A prefill after P cached tokens in every sequence (P = 0: a prompt): K/V dequantized once, then one causal
+    SDPA (P = 0) or the prefix and the new keys attended apart and merged by log-sum-exp (P > 0); against the
+    reference op and the tensor-core kernel on the same cache. Only taken when the caller gives the length."""
     monkeypatch.setattr(kv_attention, "DENSE_PREFILL_MIN_T", 16)
-    g = _gen(B * T + D)
-    cache = [torch.zeros(B, Hkv, S, D // 2, dtype=torch.uint8, device=device),
-             torch.zeros(B, Hkv, S, 2, dtype=torch.float16, device=device),
-             torch.zeros(B, Hkv, S, D // 2, dtype=torch.uint8, device=device),
-             torch.zeros(B, Hkv, S, 2, dtype=torch.float16, device=device)]
+    g = _gen(B * T + D + P)
+    cache = _filled_cache(B, Hkv, S, D, device, g)  # every slot written; the first P are the prefix
     k, v = _kv(B, T, Hkv, D, dtype, device, g), _kv(B, T, Hkv, D, dtype, device, g)
-    kv_lens = kv_cache_store_quant(k, v, *cache, torch.zeros(B, dtype=torch.int32, device=device), 4, 1.0)
+    kv_lens = kv_cache_store_quant(k, v, *cache, torch.full((B,), P, dtype=torch.int32, device=device), 4, 1.0)
     q = (torch.randn(B, T, Hq * D, generator=g) * 2).to(dtype).to(device)
-    assert takes_dense_prefill(q, cache[0], True)
-    assert not takes_dense_prefill(q, cache[0], False)  # the caller did not say the caches were empty
-    assert not takes_dense_prefill(q.float(), cache[0], True)  # fp32 stays on the Triton kernel
-    assert not takes_dense_prefill(q[:, :15], cache[0], True)  # below DENSE_PREFILL_MIN_T
-    dense = attention_quant_kv(q, *cache, kv_lens, 4, empty_cache_prefill=True).cpu()
+    assert takes_dense_prefill(q, cache[0], P)
+    assert not takes_dense_prefill(q, cache[0], None)  # the caller does not know the lengths
+    assert not takes_dense_prefill(q.float(), cache[0], P)  # fp32 stays on the Triton kernel
+    assert not takes_dense_prefill(q[:, :15], cache[0], P)  # below DENSE_PREFILL_MIN_T
+    dense = attention_quant_kv(q, *cache, kv_lens, 4, prefix_len=P).cpu()
     tiles = attention_quant_kv(q, *cache, kv_lens, 4).cpu()
     ref = ops.attention_quant_kv_reference(*(t.cpu() for t in (q, *cache, kv_lens)), 4)
     assert dense.shape == ref.shape and dense.dtype == dtype and torch.isfinite(dense).all()
     assert _rel(dense, ref) < TOL[dtype] and _rel(dense, tiles) < TOL[dtype]
+    if P:  # the prefix matters: attending to the new keys alone gives something else
+        alone = ops.attention_quant_kv_reference(q.cpu(), *(t[:, :, P:].cpu() for t in cache),
+                                                 torch.full((B,), T, dtype=torch.int32), 4)
+        assert _rel(dense, alone) > 10 * TOL[dtype]
     out = torch.empty_like(q)  # out= is honoured on this path too
-    attention_quant_kv(q, *cache, kv_lens, 4, empty_cache_prefill=True, out=out)
+    attention_quant_kv(q, *cache, kv_lens, 4, prefix_len=P, out=out)
     assert torch.equal(out.cpu(), dense)
 
 
+def test_kv_dequantize_repeats_heads_for_gqa(device):
+    g = _gen(21)
+    kc, kp, _, _ = _filled_cache(2, 3, 40, 64, device, g)
+    out = kv_dequantize(kc, kp, 37, torch.bfloat16, repeat=4)
+    ref = ops.kv_cache_dequantize(kc.cpu(), kp.cpu(), 4, 37).to(torch.bfloat16).repeat_interleave(4, dim=1)
+    assert out.shape == (2, 12, 37, 64) and torch.equal(out.cpu(), ref)
+
+
 def test_dense_prefill_needs_the_keys_in_the_cache(device, monkeypatch):
-    """More queries than cache slots (the store dropped the overflow): not the dense path."""
+    """More keys than cache slots (the store dropped the overflow): not the dense path."""
     monkeypatch.setattr(kv_attention, "DENSE_PREFILL_MIN_T", 4)
     q = torch.randn(1, 9, 2 * 64, dtype=torch.bfloat16, device=device)
-    assert not takes_dense_prefill(q, torch.zeros(1, 2, 8, 32, dtype=torch.uint8, device=device), True)
-    assert takes_dense_prefill(q, torch.zeros(1, 2, 9, 32, dtype=torch.uint8, device=device), True)
+    assert not takes_dense_prefill(q, torch.zeros(1, 2, 8, 32, dtype=torch.uint8, device=device), 0)
+    assert takes_dense_prefill(q, torch.zeros(1, 2, 9, 32, dtype=torch.uint8, device=device), 0)
+    assert not takes_dense_prefill(q, torch.zeros(1, 2, 12, 32, dtype=torch.uint8, device=device), 4)

@@ -82,17 +82,18 @@ def test_quantizer_keeps_packed_codes_when_a_reader_falls_back(tiny, device):
     assert ((a - b).norm() / a.norm()).item() < TOL
 
 
-def test_runtime_tells_attention_when_the_caches_are_empty(tiny, device, monkeypatch):
-    """The model's forward knows on the host when a step is a prompt's prefill (every cache empty): the Triton
-    attention is told so (its dense prefill path), and only then."""
+def test_runtime_tells_attention_the_shared_cache_length(tiny, device, monkeypatch):
+    """The model's forward knows on the host the cache length every sequence held before a multi-token step (0 for
+    a prompt's prefill): the Triton attention is told it (its dense prefill path), and None for a decode step or
+    unequal lengths."""
     q = atom_compile.compile(tiny, torch.randint(0, 64, (2, 16), device=device), AtomConfig(group_size=64, n_outliers=64),
                              progress=False, backend="triton")
     seen = []
     kernel = rk.attention_quant_kv
 
-    def spy(*args, empty_cache_prefill=False, **kw):
-        seen.append(empty_cache_prefill)
-        return kernel(*args, empty_cache_prefill=empty_cache_prefill, **kw)
+    def spy(*args, prefix_len=None, **kw):
+        seen.append(prefix_len)
+        return kernel(*args, prefix_len=prefix_len, **kw)
 
     monkeypatch.setattr(rk, "attention_quant_kv", spy)
     ids = torch.randint(0, 64, (2, 12), device=device)
@@ -100,13 +101,11 @@ def test_runtime_tells_attention_when_the_caches_are_empty(tiny, device, monkeyp
     cache = q.new_cache(2, 16)
     q(ids[:, :8], cache)  # the prompt
     q(ids[:, 8:9], cache)  # a decode step
-    q(ids[:, 9:12], cache)  # a second chunk after the prompt
+    q(ids[:, 9:12], cache)  # a chunk after 9 tokens
+    cache.set_lengths([12, 5])  # unequal lengths
+    q(ids[:, :2], cache)
     n = len(q.layers)
-    assert seen == [True] * n + [True] * n + [False] * n + [False] * n
-    cache.set_lengths([0, 0])  # emptied again: the next prompt is a prefill into empty caches
-    seen.clear()
-    q(ids[:, :4], cache)
-    assert seen == [True] * n
+    assert seen == [0] * n + [0] * n + [None] * n + [9] * n + [None] * n
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on the H100)")
