@@ -699,7 +699,9 @@ def _merge_kernel(o1_ptr, l1_ptr, o2_ptr, l2_ptr, out_ptr, n_rows, T, H,
 
 # Queries from which a prompt's prefill (or a chunk after a prefix every sequence shares) dequantizes the keys and
 # values once and runs cuDNN's flash attention instead of the Triton tensor-core kernel; see attention_quant_kv.
-DENSE_PREFILL_MIN_T = 256
+# H100 (bench/diag_dense_prefill_threshold.py, B = 1, 32 heads): at 512 tokens the dense path wins in all four cases
+# (MHA / GQA 4, with and without 1024 cached tokens: 1.11-1.50x the tiles), at 256 it loses in three (0.83-0.90x).
+DENSE_PREFILL_MIN_T = 512
 
 
 def takes_dense_prefill(q: Tensor, k_cache: Tensor, prefix_len: int | None) -> bool:
@@ -711,8 +713,8 @@ def takes_dense_prefill(q: Tensor, k_cache: Tensor, prefix_len: int | None) -> b
 
 
 def _attend_with_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """(softmax(q k^T * scale) v, log-sum-exp) on [B, H, T, D] with as many K/V heads as query heads: cuDNN's
-    flash kernel on a GPU, torch's CPU flash kernel elsewhere (under the interpreter)."""
+    """(softmax(q k^T * scale) v, log-sum-exp) on [B, H, T, D]: cuDNN's flash kernel on a GPU (K/V may have fewer
+    heads, GQA), torch's CPU flash kernel elsewhere (under the interpreter; as many K/V heads as query heads)."""
     if q.is_cuda:
         o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
                                                                    scale=scale)[:2]
@@ -736,8 +738,11 @@ def _dense_prefill(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Tensor
         o = torch.nn.functional.scaled_dot_product_attention(qh, k, v, is_causal=True, enable_gqa=Hq != Hkv)
         return o.transpose(1, 2).reshape(B, T, HD)
     L = prefix_len + T
-    k = kv_dequantize(k_cache, k_params, L, q.dtype, repeat=Hq // Hkv)  # [B, Hq, L, D]
-    v = kv_dequantize(v_cache, v_params, L, q.dtype, repeat=Hq // Hkv)
+    # cuDNN takes GQA's fewer K/V heads as they are (checked on the H100: identical to expanded heads); torch's CPU
+    # kernel gets them expanded
+    repeat = 1 if q.is_cuda else Hq // Hkv
+    k = kv_dequantize(k_cache, k_params, L, q.dtype, repeat=repeat)  # [B, Hkv * repeat, L, D]
+    v = kv_dequantize(v_cache, v_params, L, q.dtype, repeat=repeat)
     scale = 1.0 / math.sqrt(D)
     o1, l1 = _attend_with_lse(qh, k[:, :, :prefix_len], v[:, :, :prefix_len], False, scale)
     o2, l2 = _attend_with_lse(qh, k[:, :, prefix_len:], v[:, :, prefix_len:], True, scale)
