@@ -38,6 +38,7 @@ page size so that a tile never straddles pages. See docs/notes_quant_attention.m
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -704,12 +705,22 @@ def _merge_kernel(o1_ptr, l1_ptr, o2_ptr, l2_ptr, out_ptr, n_rows, T, H,
 DENSE_PREFILL_MIN_T = 512
 
 
+@functools.lru_cache(maxsize=None)
+def _has_cudnn_attention(device_index: int) -> bool:
+    """cuDNN's fused attention (the prefix path's log-sum-exp source) needs cuDNN and an sm_80+ GPU."""
+    return torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(device_index)[0] >= 8
+
+
 def takes_dense_prefill(q: Tensor, k_cache: Tensor, prefix_len: int | None) -> bool:
     """Whether ``attention_quant_kv`` dequantizes and calls torch's attention for these arguments."""
     T = q.shape[1]
-    return (prefix_len is not None and prefix_len >= 0 and DENSE_PREFILL_MIN_T <= T
-            and prefix_len + T <= k_cache.shape[2] and q.dtype in (torch.bfloat16, torch.float16)
-            and (q.is_cuda or _interpreting()))
+    if (prefix_len is None or prefix_len < 0 or T < DENSE_PREFILL_MIN_T or prefix_len + T > k_cache.shape[2]
+            or q.dtype not in (torch.bfloat16, torch.float16)):
+        return False
+    if q.is_cuda:  # with no prefix, SDPA picks whatever backend the GPU has
+        return prefix_len == 0 or _has_cudnn_attention(q.device.index if q.device.index is not None
+                                                       else torch.cuda.current_device())
+    return _interpreting()
 
 
 def _attend_with_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
