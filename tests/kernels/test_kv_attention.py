@@ -208,7 +208,8 @@ def test_kv_dequantize_bit_exact(device, dtype, D, n):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,T,P,Hq,Hkv,D,S", [(2, 40, 0, 4, 2, 64, 48), (1, 33, 0, 2, 2, 128, 33),
-                                               (2, 20, 13, 4, 2, 64, 40), (1, 17, 30, 2, 2, 128, 47)])
+                                               (2, 20, 13, 4, 2, 64, 40), (1, 17, 30, 2, 2, 128, 47),
+                                               (2, 24, 0, 9, 3, 64, 24), (1, 18, 11, 9, 3, 64, 32)])  # SmolLM2's heads
 def test_dense_prefill_path(device, monkeypatch, dtype, B, T, P, Hq, Hkv, D, S):
     """A prefill after P cached tokens in every sequence (P = 0: a prompt): K/V dequantized once, then one causal
     SDPA (P = 0) or the prefix and the new keys attended apart and merged by log-sum-exp (P > 0); against the
