@@ -6,6 +6,9 @@ the same plain-PyTorch RMSNorm and RoPE outside the fused ops. The bf16 layer wr
 cache and attends with torch SDPA; ours is the compiled graph lowered to the Triton backend. Two bf16 layers: the
 linears as transformers holds them (bf16_us, "speedup") and with q/k/v and gate/up each one GEMM over concatenated
 weights, as vLLM serves them (bf16_fused_us, "speedup_vs_fused"); ours fuses them too (FuseSiblingGemms).
+Ours is called as ``AtomForCausalLM.forward`` calls it: inside ``uniform_cache_length`` with the cache length every
+sequence held before a multi-token step (0 for the prefill: its attention then runs on cuDNN over the dequantized
+4-bit K/V; the variant "prefill attention on the Triton kernel" leaves it unset).
 
     python -m bench.bench_layer --out bench/results/layer_h100.json [--quick]
 """
