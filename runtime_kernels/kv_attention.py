@@ -612,6 +612,14 @@ def _combine_kernel(po_ptr, pml_ptr, o_ptr, n_rows, T, HQ, n_splits, stride_ob, 
 
 
 # ============================================================================ prefill from an empty cache
+def _params_readable_as_int32(codes: Tensor, params: Tensor, params_shape: tuple) -> bool:
+    """uint8 codes with unit last stride, and fp16 (scale, zero) pairs whose int32 view (one 4-byte load per
+    token) is valid: unit last stride, even strides and offset."""
+    return (codes.dtype == torch.uint8 and params.dtype == torch.float16 and codes.stride(-1) == 1
+            and params.shape == params_shape and params.stride(-1) == 1
+            and not any(st % 2 for st in params.stride()[:3]) and params.storage_offset() % 2 == 0)
+
+
 @triton.jit
 def _kv_dequant_kernel(c_ptr, p_ptr, o_ptr, n_slots, H, stride_cb, stride_ch, stride_cs, stride_pb, stride_ph,
                        stride_ps, D: tl.constexpr, BLOCK_S: tl.constexpr, REPEAT: tl.constexpr,
@@ -654,9 +662,7 @@ def kv_dequantize(cache: Tensor, params: Tensor, n_slots: int, dtype: torch.dtyp
     D = 2 * Dh
     if not 0 <= n_slots <= S or D not in (64, 128) or dtype not in _TL_DTYPES or repeat < 1:
         raise NotImplementedError(f"triton kv_dequantize: cache {tuple(cache.shape)}, {n_slots} slots, {dtype}")
-    if cache.dtype != torch.uint8 or params.dtype != torch.float16 or params.shape != (B, H, S, 2) \
-            or cache.stride(-1) != 1 or params.stride(-1) != 1 or any(st % 2 for st in params.stride()[:3]) \
-            or params.storage_offset() % 2:
+    if not _params_readable_as_int32(cache, params, (B, H, S, 2)):
         raise NotImplementedError("triton kv_dequantize: cache layout")
     out = torch.empty(B, H * repeat, n_slots, D, dtype=dtype, device=cache.device)
     if out.numel():
@@ -866,8 +872,7 @@ def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Te
     if q.dtype not in _TL_DTYPES:
         raise NotImplementedError(f"triton attention_quant_kv: dtype {q.dtype}")
     for c, p in ((k_cache, k_params), (v_cache, v_params)):
-        if c.dtype != torch.uint8 or p.dtype != torch.float16 or c.stride(-1) != 1 or p.shape != (B, Hkv, S, 2) \
-                or p.stride(-1) != 1 or any(st % 2 for st in p.stride()[:3]) or p.storage_offset() % 2:
+        if not _params_readable_as_int32(c, p, (B, Hkv, S, 2)):
             raise NotImplementedError("triton attention_quant_kv: cache layout")
     if not q.is_cuda and not _interpreting():
         raise NotImplementedError("triton attention_quant_kv: needs CUDA tensors (or TRITON_INTERPRET=1)")

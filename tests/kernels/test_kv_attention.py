@@ -253,3 +253,18 @@ def test_dense_prefill_needs_the_keys_in_the_cache(device, monkeypatch):
     assert not takes_dense_prefill(q, torch.zeros(1, 2, 8, 32, dtype=torch.uint8, device=device), 0)
     assert takes_dense_prefill(q, torch.zeros(1, 2, 9, 32, dtype=torch.uint8, device=device), 0)
     assert not takes_dense_prefill(q, torch.zeros(1, 2, 12, 32, dtype=torch.uint8, device=device), 4)
+
+
+def test_cache_layout_the_kernels_cannot_read_raises(device):
+    """(scale, zero) pairs are read as one int32 per token: params at an odd fp16 offset, or codes of another
+    dtype, are refused by the attention and by kv_dequantize alike."""
+    kc = torch.zeros(1, 2, 8, 32, dtype=torch.uint8, device=device)
+    kp_odd = torch.zeros(1 * 2 * 8 * 2 + 1, dtype=torch.float16, device=device)[1:].view(1, 2, 8, 2)
+    q = torch.randn(1, 1, 2 * 64, device=device)
+    lens = torch.ones(1, dtype=torch.int32, device=device)
+    with pytest.raises(NotImplementedError, match="cache layout"):
+        attention_quant_kv(q, kc, kp_odd, kc, kp_odd, lens, 4)
+    with pytest.raises(NotImplementedError, match="cache layout"):
+        kv_dequantize(kc, kp_odd, 4, torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="cache layout"):
+        kv_dequantize(kc.to(torch.int8), torch.zeros(1, 2, 8, 2, dtype=torch.float16, device=device), 4, torch.bfloat16)
