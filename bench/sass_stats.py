@@ -78,20 +78,12 @@ CASES = {
     "tensor-core kernel, GQA decode (per 128-key tile, per warp)": (
         ka._attn_fwd_kernel,
         dict(GROUP=4, D=128, BLOCK_M=16, BLOCK_N=128, SPLIT=True, QK_DTYPE=tl.float16, PV_DTYPE=tl.float16,
-             IEEE=False, OUT_BF16=True, INTERP_LOOP=False, MAX_TILES=1, FAST_UNPACK=True, CAUSAL=False,
-             V_SMEM_F16=False), 4, 3, 168),
-    # the same with the values' codes unpacked before the move to the MMA operand layout (v_smem_f16)
-    "tensor-core kernel, GQA decode, values via fp16 in shared memory (per 128-key tile, per warp)": (
-        ka._attn_fwd_kernel,
-        dict(GROUP=4, D=128, BLOCK_M=16, BLOCK_N=128, SPLIT=True, QK_DTYPE=tl.float16, PV_DTYPE=tl.float16,
-             IEEE=False, OUT_BF16=True, INTERP_LOOP=False, MAX_TILES=1, FAST_UNPACK=True, CAUSAL=False,
-             V_SMEM_F16=True), 4, 3, 168),
+             IEEE=False, OUT_BF16=True, INTERP_LOOP=False, MAX_TILES=1, FAST_UNPACK=True, CAUSAL=False), 4, 3, 168),
     # prefill: 64 query rows x 128 keys, causal, 4 warps
     "tensor-core kernel, prefill (per 64 x 128 tile, per warp)": (
         ka._attn_fwd_kernel,
         dict(GROUP=1, D=128, BLOCK_M=64, BLOCK_N=128, SPLIT=False, QK_DTYPE=tl.float16, PV_DTYPE=tl.float16,
-             IEEE=False, OUT_BF16=True, INTERP_LOOP=False, MAX_TILES=1, FAST_UNPACK=True, CAUSAL=True,
-             V_SMEM_F16=False), 4, 3, None),
+             IEEE=False, OUT_BF16=True, INTERP_LOOP=False, MAX_TILES=1, FAST_UNPACK=True, CAUSAL=True), 4, 3, None),
 }
 
 

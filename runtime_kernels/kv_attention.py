@@ -196,8 +196,8 @@ def _nibble_lo_f16(c):
 
     fp16 bits 0x6400 | n are 1024 + n exactly: the bytes are spread over half-words (prmt), masked and or-ed
     with 0x6400 (lop3), then 1024 is subtracted (sub.f16x2). About 1.5 integer instructions per element
-    instead of a quarter-rate int-to-float conversion; and a pure unary elementwise op, so Triton moves the
-    conversion to the dot-operand layout in front of it (onto the 1-byte codes).
+    instead of a quarter-rate int-to-float conversion; and a pure unary elementwise op, so Triton may move
+    the conversion to the dot-operand layout in front of it (onto the 1-byte codes).
     """
     return tl.inline_asm_elementwise(_ASM_LO, "=r,=r,r", [c], dtype=tl.float16, is_pure=True, pack=4)
 
@@ -206,22 +206,6 @@ def _nibble_lo_f16(c):
 def _nibble_hi_f16(c):
     """uint8 codes -> their high nibbles as fp16 values 0..15 (see _nibble_lo_f16)."""
     return tl.inline_asm_elementwise(_ASM_HI, "=r,=r,r", [c], dtype=tl.float16, is_pure=True, pack=4)
-
-
-@triton.jit
-def _nibble_lo_f16_unhoisted(c):
-    """_nibble_lo_f16 marked impure, which keeps Triton from moving the conversion to the dot-operand layout in
-    front of it: the codes are unpacked in the layout they were loaded in and the fp16 values go through shared
-    memory to the operand layout (ldmatrix). The cheaper way for the values of P.V, whose MMA K is the key: an
-    operand register holds consecutive keys, bytes 64 apart in the cache, which the hoisted route gathers from
-    shared memory one byte at a time (sm_90 has no transposing ldmatrix for 8-bit data)."""
-    return tl.inline_asm_elementwise(_ASM_LO, "=r,=r,r", [c], dtype=tl.float16, is_pure=False, pack=4)
-
-
-@triton.jit
-def _nibble_hi_f16_unhoisted(c):
-    """uint8 codes -> their high nibbles as fp16 (see _nibble_lo_f16_unhoisted)."""
-    return tl.inline_asm_elementwise(_ASM_HI, "=r,=r,r", [c], dtype=tl.float16, is_pure=False, pack=4)
 
 
 @triton.jit
@@ -251,7 +235,7 @@ def _split_range_and_bases(pid_s, chunk, n_splits, n_hi, b, kvh, kc_ptr, vc_ptr,
 def _attn_block(start, n_end, qpos, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
                 kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
                 HALF: tl.constexpr, BLOCK_N: tl.constexpr, QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr,
-                IEEE: tl.constexpr, FAST_UNPACK: tl.constexpr, CAUSAL: tl.constexpr, V_SMEM_F16: tl.constexpr):
+                IEEE: tl.constexpr, FAST_UNPACK: tl.constexpr, CAUSAL: tl.constexpr):
     """One tile of BLOCK_N keys [start, start + BLOCK_N) (masked at n_end): scores, online softmax, P.V."""
     dd = tl.arange(0, HALF)
     n = start + tl.arange(0, BLOCK_N)
@@ -295,12 +279,8 @@ def _attn_block(start, n_end, qpos, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, a
         s_max = tl.maximum(tl.max(v_scale, axis=0), 1e-30)
         pn = (p * (v_scale * (1.0 / s_max))[None, :]).to(PV_DTYPE)
         if FAST_UNPACK:
-            if V_SMEM_F16:
-                v_lo = _nibble_lo_f16_unhoisted(vc)
-                v_hi = _nibble_hi_f16_unhoisted(vc)
-            else:
-                v_lo = _nibble_lo_f16(vc)
-                v_hi = _nibble_hi_f16(vc)
+            v_lo = _nibble_lo_f16(vc)
+            v_hi = _nibble_hi_f16(vc)
         else:
             v_lo = (vc & 15).to(PV_DTYPE)
             v_hi = (vc >> 4).to(PV_DTYPE)
@@ -325,7 +305,6 @@ def _attn_fwd_kernel(
     SPLIT: tl.constexpr,  # write unnormalized partials (split-KV) instead of the output
     QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, IEEE: tl.constexpr, OUT_BF16: tl.constexpr,
     INTERP_LOOP: tl.constexpr, MAX_TILES: tl.constexpr, FAST_UNPACK: tl.constexpr, CAUSAL: tl.constexpr,
-    V_SMEM_F16: tl.constexpr = False,  # the values' codes unpacked before the operand layout (see _nibble_lo_f16)
 ):
     """One program: BLOCK_M rows of (token, query head of one KV group) x one KV range of one sequence.
 
@@ -374,13 +353,13 @@ def _attn_fwd_kernel(
             m_i, l_i, z_i, acc_lo, acc_hi = _attn_block(
                 n_lo + it * BLOCK_N, n_end, qpos, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
                 kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
-                HALF, BLOCK_N, QK_DTYPE, PV_DTYPE, IEEE, FAST_UNPACK, CAUSAL, V_SMEM_F16)
+                HALF, BLOCK_N, QK_DTYPE, PV_DTYPE, IEEE, FAST_UNPACK, CAUSAL)
     else:
         for start in range(n_lo, n_end, BLOCK_N):
             m_i, l_i, z_i, acc_lo, acc_hi = _attn_block(
                 start, n_end, qpos, q_lo, q_hi, qsum, qk_scale, m_i, l_i, z_i, acc_lo, acc_hi,
                 kc_base, kp_base, vc_base, vp_base, stride_kcs, stride_kps, stride_vcs, stride_vps,
-                HALF, BLOCK_N, QK_DTYPE, PV_DTYPE, IEEE, FAST_UNPACK, CAUSAL, V_SMEM_F16)
+                HALF, BLOCK_N, QK_DTYPE, PV_DTYPE, IEEE, FAST_UNPACK, CAUSAL)
 
     acc_lo = acc_lo - z_i[:, None]
     acc_hi = acc_hi - z_i[:, None]
@@ -804,13 +783,12 @@ def _decode_splits(base_programs: int, max_seqlen: int, block_n: int, n_sm: int,
 
 def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, num_splits: int | None = None,
                      block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None, row_kernel: bool | None = None, acc_rows: int | None = None,
-                     v_smem_f16: bool | None = None) -> dict:
+                     num_stages: int | None = None, row_kernel: bool | None = None, acc_rows: int | None = None
+                     ) -> dict:
     """The launch configuration ``attention_quant_kv`` uses (also what the kernel table prints).
 
     ``row_kernel``: one query row per KV head (T = 1 with MHA) runs on CUDA cores (_attn_decode_row_kernel)
-    unless this is False; True where there is more than one row raises. ``v_smem_f16``: the tensor-core
-    kernel unpacks the values' codes before moving them to the MMA operand layout (see ``_nibble_lo_f16``)."""
+    unless this is False; True where there is more than one row raises."""
     B, T, HD = q.shape
     _, Hkv, S, Dh = k_cache.shape
     D = 2 * Dh
@@ -837,7 +815,7 @@ def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, 
             raise ValueError(f"acc_rows {acc_rows} must be a power of two dividing block_n {block_n}")
         return dict(row_kernel=True, block_m=1, block_n=block_n, m_tiles=1, num_splits=triton.cdiv(bound, chunk),
                     chunk=chunk, num_warps=num_warps, num_stages=num_stages or 1,
-                    acc_rows=acc_rows, maxnreg=None, v_smem_f16=False)
+                    acc_rows=acc_rows, maxnreg=None)
     if block_m is None:  # H200 sweep (bench_attention --sweep): prefill best at 64 x 128 with 4 warps
         block_m = max(16, triton.next_power_of_2(rows)) if rows <= 64 else 64
     if block_n is None:
@@ -853,18 +831,16 @@ def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, 
         num_stages = 2 if block_m >= 128 else 3
     # decode: capping registers at 168 fits 3 programs per SM instead of 2 (H200: 316 vs 340 us, MHA B=64 ctx 2048)
     maxnreg = 168 if (rows <= 64 and not fp32) else None
-    if v_smem_f16 is None:
-        v_smem_f16 = False
     return dict(row_kernel=False, acc_rows=None, block_m=block_m, block_n=block_n, m_tiles=m_tiles, num_splits=num_splits,
-                chunk=chunk, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg, v_smem_f16=bool(v_smem_f16))
+                chunk=chunk, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
 
 
 def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Tensor, v_params: Tensor,
                        kv_lens: Tensor, bits: int = 4, *, max_seqlen: int | None = None, num_splits: int | None = None,
                        block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                        num_stages: int | None = None, maxnreg: int | None = None, row_kernel: bool | None = None,
-                       acc_rows: int | None = None, out: Tensor | None = None, prefix_len: int | None = None,
-                       v_smem_f16: bool | None = None) -> Tensor:
+                       acc_rows: int | None = None, out: Tensor | None = None, prefix_len: int | None = None
+                       ) -> Tensor:
     """Causal GQA attention of q [B, T, Hq * D] over the 4-bit cache; query t of sequence b sits at position
     kv_lens[b] - T + t. Same contract as ``ops.attention_quant_kv_reference`` (a row that sees no key gives 0
     where the reference gives NaN).
@@ -910,7 +886,7 @@ def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Te
     if B == 0 or T == 0:
         return o
     cfg = attention_config(q, k_cache, max_seqlen, num_splits, block_m, block_n, num_warps, num_stages, row_kernel,
-                           acc_rows, v_smem_f16)
+                           acc_rows)
     maxnreg = cfg["maxnreg"] if maxnreg is None else (maxnreg or None)  # maxnreg=0: no cap
     launch = {} if maxnreg is None or interp_mode() else {"maxnreg": maxnreg}
     kp32 = k_params.view(torch.int32)  # [B, Hkv, S, 1]: one 4-byte load per token
@@ -948,8 +924,7 @@ def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Te
             GROUP=G, D=D, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], SPLIT=split,
             QK_DTYPE=qk_dt, PV_DTYPE=pv_dt, IEEE=fp32 or interp, OUT_BF16=q.dtype == torch.bfloat16,
             INTERP_LOOP=interp, MAX_TILES=triton.cdiv(S, cfg["block_n"]) if interp else 1, FAST_UNPACK=fast,
-            CAUSAL=T > 1, V_SMEM_F16=cfg["v_smem_f16"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            **launch,
+            CAUSAL=T > 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch,
         )
     if split:
         n_rows = B * T * Hq

@@ -113,22 +113,6 @@ def test_attention_matches_reference(device, dtype, B, T, Hq, Hkv, D, S, lens):
     assert _rel(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("v_smem_f16", [False, True])
-@pytest.mark.parametrize("B,T,Hq,Hkv,D,S,lens", [CASES[0], CASES[2], CASES[3]])
-def test_attention_values_operand_routes(device, v_smem_f16, B, T, Hq, Hkv, D, S, lens):
-    """The tensor-core kernel with the values' codes moved to the MMA operand layout as bytes, or unpacked first
-    and moved as fp16 (v_smem_f16; on a GPU only: the interpreter runs the fp32 path, where both are the same)."""
-    g = _gen(B * 10 + T)
-    kc, kp, vc, vp = _filled_cache(B, Hkv, S, D, device, g)
-    kv_lens = torch.tensor(lens, dtype=torch.int32, device=device)
-    q = (torch.randn(B, T, Hq * D, generator=g) * 2).to(torch.bfloat16).to(device)
-    assert attention_config(q, kc, v_smem_f16=v_smem_f16)["v_smem_f16"] == v_smem_f16
-    out = attention_quant_kv(q, kc, kp, vc, vp, kv_lens, 4, v_smem_f16=v_smem_f16).cpu()
-    ref = ops.attention_quant_kv_reference(*(t.cpu() for t in (q, kc, kp, vc, vp, kv_lens)), 4)
-    assert torch.isfinite(out).all()
-    assert _rel(out, ref) < TOL[torch.bfloat16]
-
-
 @pytest.mark.parametrize("num_splits,max_seqlen", [(3, None), (None, 40), (2, 32), (1, 8)])
 def test_attention_split_kv(device, num_splits, max_seqlen):
     """Split-KV decode with forced splits, and with a max_seqlen hint, right or too small (last split runs on)."""
