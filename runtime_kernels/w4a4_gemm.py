@@ -46,14 +46,19 @@ Kernel design
 (contiguous per group for a tile of rows) and pads the outlier rows to 16 bytes (TMA row stride).
 ``w4a4_gemm`` takes an explicit ``Config``, or the autotuned one for the size (``set_autotune(True)`` or
 ATOM_W4A4_AUTOTUNE=1: the first call of each (M rounded up to a power of two, N, K) times ``candidates``
-in CUDA graphs and caches the fastest), or else ``pick_config``'s table (the autotuner's H100 choices).
+in CUDA graphs and keeps the fastest, in memory and in ``autotune_cache_path()`` for the next process on the same
+GPU model and software), or else ``pick_config``'s table (the autotuner's H100 choices).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import tempfile
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import triton
@@ -64,6 +69,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from . import fp8_blockscaled
 
 __all__ = ["PreparedWeight", "Config", "prepare_weight", "w4a4_gemm", "pick_config", "candidates", "set_autotune",
+           "autotune_cache_path", "tuned_config",
            "unpack_activations", "set_large_m_backend", "takes_blockscaled_path", "BLOCKSCALED_MIN_M"]
 
 _MAX_TILES = 8192  # split-K arrival counters kept per prepared weight
@@ -421,7 +427,9 @@ def _m_bucket(M: int) -> int:
 
 def set_autotune(enabled: bool) -> None:
     """Time the ``candidates`` on the first call of each problem size (M rounded up to a power of two)
-    and keep the fastest; off by default unless ATOM_W4A4_AUTOTUNE=1. Never during CUDA-graph capture."""
+    and keep the fastest, also in ``autotune_cache_path()`` (a later process on the same GPU model, Triton and
+    CUDA reads it instead of timing); off by default unless ATOM_W4A4_AUTOTUNE=1. Never times during CUDA-graph
+    capture (a stored choice is still used there)."""
     global _AUTOTUNE
     _AUTOTUNE = enabled
 
@@ -479,6 +487,103 @@ def _graph_time_us(fn, flush: Tensor, reps: int = 10) -> float:
             ts.append(a.elapsed_time(b))
         med.append(sorted(ts)[2])
     return (med[0] - med[1]) * 1000 / reps
+
+
+# ---------------------------------------------------------------------------------- tuned configurations on disk
+def autotune_cache_path() -> Path:
+    """Where the autotuner's choices persist: ``$ATOM_COMPILE_CACHE/w4a4_autotune.json`` (the same folder as
+    converted checkpoints, ``atom_compile.models.cache_dir``; default ``~/.cache/atom-compile``)."""
+    return Path(os.environ.get("ATOM_COMPILE_CACHE", Path.home() / ".cache" / "atom-compile")) / "w4a4_autotune.json"
+
+
+def device_key(device) -> str:
+    """What a timing holds for: the GPU model and compute capability, and the Triton and CUDA versions."""
+    p = torch.cuda.get_device_properties(device)
+    return f"{p.name} | sm_{p.major}{p.minor} | triton {triton.__version__} | cuda {torch.version.cuda}"
+
+
+_CONFIG_TYPES = {f.name: type(f.default) for f in dataclasses.fields(Config)}
+
+
+def _config_from_json(d) -> Config | None:
+    """A stored configuration, or None if it is not one this version's Config can take."""
+    if not isinstance(d, dict) or set(d) - set(_CONFIG_TYPES):
+        return None
+    if any(type(v) is not _CONFIG_TYPES[k] for k, v in d.items()):  # (bool is not int here)
+        return None
+    return Config(**d)
+
+
+def load_tuned(path: Path, dev_key: str) -> dict[str, Config]:
+    """The configurations stored in ``path`` for ``dev_key``, by size key; {} if there is no file. A file that
+    cannot be read or parsed is ignored with a warning (the autotuner then times again and rewrites it); an entry
+    that is not a valid Config (another version's fields) is skipped."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        warnings.warn(f"ignoring the W4A4 autotune cache {path} ({type(e).__name__}: {e}); it is rewritten after the "
+                      "next tuning, or delete it", stacklevel=2)
+        return {}
+    entries = data.get(dev_key) if isinstance(data, dict) else None
+    out = {}
+    for size, d in (entries.items() if isinstance(entries, dict) else ()):
+        cfg = _config_from_json(d)
+        if cfg is not None:
+            out[size] = cfg
+    return out
+
+
+def save_tuned(path: Path, dev_key: str, size: str, config: Config) -> None:
+    """Merge one choice into ``path``: read, update, write a temporary file in the same folder, rename over (a
+    reader never sees half a file; of two processes writing at once, one entry may be lost and timed again)."""
+    try:
+        data = json.loads(path.read_text())
+        data = data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        data = {}
+    entries = data.get(dev_key)
+    entries = entries if isinstance(entries, dict) else {}
+    entries[size] = dataclasses.asdict(config)
+    data[dev_key] = entries
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(f.name, path)
+    except OSError as e:  # a read-only home: the choice still holds for this process
+        warnings.warn(f"could not write the W4A4 autotune cache {path}: {e}", stacklevel=2)
+
+
+def _size_key(key: tuple) -> str:
+    """(device index, M bucket, N, G, g, n_out, x_unpacked) -> "M,N,G,g,n_out,x_unpacked" (no device index)."""
+    return ",".join(str(int(v)) for v in key[1:])
+
+
+_DISK: dict = {}  # (cache path, device key) -> {size key: Config}, as loaded from the file
+
+
+def tuned_config(key: tuple, dev_key: str, tune, may_time: bool) -> Config | None:
+    """The tuned configuration for ``key``: this process's choice, else the disk cache's, else (``may_time``) a new
+    timing by ``tune()``, kept in memory and on disk; None when there is none and timing is not allowed (during
+    CUDA-graph capture)."""
+    config = _TUNED.get(key)
+    if config is not None:
+        return config
+    path = autotune_cache_path()
+    disk = _DISK.get((path, dev_key))
+    if disk is None:
+        disk = _DISK[(path, dev_key)] = load_tuned(path, dev_key)
+    config = disk.get(_size_key(key))
+    if config is None:
+        if not may_time:
+            return None
+        config = tune()
+        disk[_size_key(key)] = config
+        save_tuned(path, dev_key, _size_key(key), config)
+    _TUNED[key] = config
+    return config
 
 
 def _autotune(args, key, M, N, G, x_unpacked: bool = False) -> Config:
@@ -566,11 +671,12 @@ def w4a4_gemm(
     if config is None:
         key = (xq.device.index, _m_bucket(M), N, G, g, n_out, x_unpacked)
         config = _TUNED.get(key)
+        if config is None and _AUTOTUNE and not _interpreting():
+            config = tuned_config(key, device_key(xq.device),
+                                  lambda: _autotune((xq, xs, xo, xos, pw, bias, out), key, M, N, G, x_unpacked),
+                                  may_time=not torch.cuda.is_current_stream_capturing())
         if config is None:
-            if _AUTOTUNE and not _interpreting() and not torch.cuda.is_current_stream_capturing():
-                config = _TUNED[key] = _autotune((xq, xs, xo, xos, pw, bias, out), key, M, N, G, x_unpacked)
-            else:
-                config = pick_config(M, N, G)
+            config = pick_config(M, N, G)
     _launch(xq, xs, xo, xos, pw, bias, out, config, x_given_unpacked=x_unpacked)
     return out
 

@@ -166,3 +166,91 @@ def test_rejects_bad_inputs(device):
         prepare_weight(wq[0], wq[1][:, :-1], wq[2], wq[3], 128)
     with pytest.raises(ValueError):
         prepare_weight(*wq, 96)
+
+
+# ============================================================================ autotuned configurations on disk
+def test_autotune_cache_round_trip(tmp_path):
+    from atom_compile.runtime_kernels.w4a4_gemm import load_tuned, save_tuned
+
+    path = tmp_path / "sub" / "w4a4_autotune.json"
+    assert load_tuned(path, "gpu A") == {}  # no file yet
+    a = Config(block_n=128, block_m=64, split_k=3, num_stages=5, x_unpacked=True)
+    b = Config(block_n=32, split_k=1, num_stages=8)
+    save_tuned(path, "gpu A", "16,4096,31,128,128,1", a)
+    save_tuned(path, "gpu A", "64,4096,31,128,128,1", b)
+    save_tuned(path, "gpu B", "16,4096,31,128,128,1", b)
+    assert load_tuned(path, "gpu A") == {"16,4096,31,128,128,1": a, "64,4096,31,128,128,1": b}
+    assert load_tuned(path, "gpu B") == {"16,4096,31,128,128,1": b}
+    assert load_tuned(path, "gpu C") == {}
+    assert not list(path.parent.glob("*.tmp"))  # written through a renamed temporary file
+
+
+def test_autotune_cache_ignores_bad_files_and_entries(tmp_path):
+    import json
+
+    from atom_compile.runtime_kernels.w4a4_gemm import load_tuned, save_tuned
+
+    path = tmp_path / "w4a4_autotune.json"
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="ignoring the W4A4 autotune cache"):
+        assert load_tuned(path, "gpu A") == {}
+    good = Config(block_n=64, split_k=2)
+    save_tuned(path, "gpu A", "s", good)  # rewrites the unreadable file
+    assert load_tuned(path, "gpu A") == {"s": good}
+    data = json.loads(path.read_text())
+    data["gpu A"]["unknown field"] = dict(dataclasses.asdict(good), tile_k=64)
+    data["gpu A"]["wrong type"] = dict(dataclasses.asdict(good), split_k="2")
+    data["gpu A"]["bool for int"] = dict(dataclasses.asdict(good), num_warps=True)
+    data["gpu A"]["not a dict"] = [64, 16]
+    path.write_text(json.dumps(data))
+    assert load_tuned(path, "gpu A") == {"s": good}
+
+
+def test_tuned_config_times_once_per_size_across_processes(tmp_path, monkeypatch):
+    """The first process times and stores; a later one (empty in-memory choices) reads the file and times nothing;
+    during CUDA-graph capture (may_time=False) nothing stored means no choice (the caller takes pick_config)."""
+    import importlib
+
+    wg = importlib.import_module("atom_compile.runtime_kernels.w4a4_gemm")  # (the package exports the function)
+    monkeypatch.setenv("ATOM_COMPILE_CACHE", str(tmp_path))
+    monkeypatch.setattr(wg, "_TUNED", {})
+    monkeypatch.setattr(wg, "_DISK", {})
+    timed = []
+    best = Config(block_n=128, block_m=16, split_k=4, num_stages=5)
+
+    def tune():
+        timed.append(1)
+        return best
+
+    key = (0, 16, 4096, 31, 128, 128, True)
+    assert wg.tuned_config(key, "gpu A", tune, may_time=True) == best and len(timed) == 1
+    assert wg.tuned_config(key, "gpu A", tune, may_time=True) == best and len(timed) == 1  # this process: memory
+    assert wg.autotune_cache_path() == tmp_path / "w4a4_autotune.json" and wg.autotune_cache_path().exists()
+    monkeypatch.setattr(wg, "_TUNED", {})  # a new process
+    monkeypatch.setattr(wg, "_DISK", {})
+    assert wg.tuned_config(key, "gpu A", tune, may_time=False) == best and len(timed) == 1  # from the file
+    other = (0, 64, 4096, 31, 128, 128, True)
+    assert wg.tuned_config(other, "gpu A", tune, may_time=False) is None and len(timed) == 1
+    monkeypatch.setattr(wg, "_TUNED", {})  # a process on another GPU model or software: the file's entry is not used
+    assert wg.tuned_config(key, "gpu B", tune, may_time=False) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the autotuner times on a GPU")
+def test_autotuned_gemm_reuses_the_stored_choice(tmp_path, monkeypatch):
+    import importlib
+
+    wg = importlib.import_module("atom_compile.runtime_kernels.w4a4_gemm")
+    monkeypatch.setenv("ATOM_COMPILE_CACHE", str(tmp_path))
+    monkeypatch.setattr(wg, "_TUNED", {})
+    monkeypatch.setattr(wg, "_DISK", {})
+    monkeypatch.setattr(wg, "_AUTOTUNE", True)
+    xq, wq, _ = make_case(16, 256, 576, 128, 64, seed=9, device="cuda")
+    pw = prepare_weight(*wq, 128)
+    y1 = w4a4_gemm(*xq, pw)
+    stored = wg.load_tuned(wg.autotune_cache_path(), wg.device_key(y1.device))
+    assert len(stored) == 1
+    monkeypatch.setattr(wg, "_TUNED", {})  # a new process: reads the file, times nothing
+    monkeypatch.setattr(wg, "_DISK", {})
+    monkeypatch.setattr(wg, "_autotune", lambda *a, **k: pytest.fail("timed again"))
+    y2 = w4a4_gemm(*xq, pw)
+    assert torch.equal(y1, y2) and list(wg._TUNED.values()) == list(stored.values())
