@@ -230,6 +230,13 @@ def _rescale(acc, d, sw, sx, MAGIC: tl.constexpr):
 
 
 @triton.jit
+def _stamp(trace_ptr, pid, k: tl.constexpr):
+    """(trace experiment) globaltimer (ns) of this point into trace[pid, k]; slot 7: the SM."""
+    t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [pid], dtype=tl.int64, is_pure=False, pack=1)
+    tl.store(trace_ptr + pid * 8 + k, t)
+
+
+@triton.jit
 def _w4a4_kernel(
     x_desc, xs_ptr, xo_desc, xos_ptr,
     w_desc, wst_ptr, wo_desc, wos_ptr,
@@ -240,9 +247,13 @@ def _w4a4_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     NSPLIT: tl.constexpr, ITERS: tl.constexpr, K_TAIL: tl.constexpr, WS: tl.constexpr,
     X_UNPACKED: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, MAGIC: tl.constexpr,
-    DOT_FP8: tl.constexpr,
+    DOT_FP8: tl.constexpr, trace_ptr=None, TRACE: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
+    if TRACE:
+        _stamp(trace_ptr, pid, 0)
+        sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [pid], dtype=tl.int32, is_pure=False, pack=1)
+        tl.store(trace_ptr + pid * 8 + 7, sm.to(tl.int64))
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     pid_k = pid % NSPLIT
@@ -269,6 +280,11 @@ def _w4a4_kernel(
             d = _group_dot(w_desc, x_desc, n0, m0, g0 + i, HALF, X_UNPACKED, USE_ASM, DOT_FP8)
             sw, sx = _group_scales(sw_base, sx_base, g0 + i, G, N, n_mask, m_mask, K_TAIL, DOT_FP8)
             acc = _rescale(acc, d, sw, sx, MAGIC)
+            if TRACE:
+                if i == 0:
+                    _stamp(trace_ptr, pid, 1)
+    if TRACE:
+        _stamp(trace_ptr, pid, 2)
 
     if NOUT > 0:
         if pid_k == NSPLIT - 1:
@@ -278,6 +294,8 @@ def _w4a4_kernel(
             swo = tl.load(wos_ptr + offs_n, mask=n_mask, other=0.0)
             sxo = tl.load(xos_ptr + offs_m * s_xos, mask=m_mask, other=0.0)
             acc = tl.fma(do.to(tl.float32), swo[:, None] * sxo[None, :], acc)
+    if TRACE:
+        _stamp(trace_ptr, pid, 3)
 
     out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * s_out + offs_n[:, None]
     out_mask = n_mask[:, None] & m_mask[None, :]
@@ -292,6 +310,9 @@ def _w4a4_kernel(
         tl.debug_barrier()  # every thread's partial is written before the arrival is published
         tile = pid_m * num_pid_n + pid_n
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if TRACE:
+            _stamp(trace_ptr, pid, 4)
+            tl.store(trace_ptr + pid * 8 + 6, arrived.to(tl.int64))
         if arrived == NSPLIT - 1:  # the last program of this tile: reduce in split order
             y = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             for s in tl.static_range(NSPLIT):
@@ -300,6 +321,8 @@ def _w4a4_kernel(
                 y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(cnt_ptr + tile, 0)  # re-arm for the next launch
+            if TRACE:
+                _stamp(trace_ptr, pid, 5)
 
 
 @triton.jit
@@ -688,7 +711,8 @@ def _use_ws(cfg: Config, nsplit: int, interp: bool, x_unpacked: bool) -> bool:
     return cfg.ws and not interp and x_unpacked and cfg.block_n >= 128 and nsplit == 1
 
 
-def _launch(xq, xs, xo, xos, pw: PreparedWeight, bias, out, cfg: Config, x_given_unpacked: bool = False) -> None:
+def _launch(xq, xs, xo, xos, pw: PreparedWeight, bias, out, cfg: Config, x_given_unpacked: bool = False,
+            trace=None) -> None:
     M, N, G, n_out = xq.shape[0], pw.N, pw.groups, pw.n_out
     g = pw.group_size
     half = g // 2
@@ -725,6 +749,6 @@ def _launch(xq, xs, xo, xos, pw: PreparedWeight, bias, out, cfg: Config, x_given
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SPLIT_K=split, GROUP_M=cfg.group_m,
         NSPLIT=nsplit, ITERS=iters, K_TAIL=split * iters != G, WS=_use_ws(cfg, nsplit, interp, x_unpacked),
         X_UNPACKED=x_unpacked, HAS_BIAS=bias is not None, USE_ASM=not interp, MAGIC=cfg.magic,
-        DOT_FP8=cfg.dot_fp8,
+        DOT_FP8=cfg.dot_fp8, trace_ptr=trace, TRACE=trace is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
