@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
@@ -135,18 +137,36 @@ class AtomForCausalLM(nn.Module):
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
         cuda_graph: bool | None = None,
-    ) -> Tensor:
+        lengths: Sequence[int] | Tensor | None = None,
+    ) -> Tensor | list[Tensor]:
         """Greedy (temperature 0) or sampled continuation, one token per step through the KV cache.
 
         ``cuda_graph``: replay each decode step from one CUDA graph (no per-kernel launch cost on the host);
-        default: whenever ``can_capture_decode()`` allows. True where it does not raises, saying why."""
+        default: whenever ``can_capture_decode()`` allows. True where it does not raises, saying why.
+
+        ``lengths``: prompts of different lengths in one batch: ``input_ids`` holds them right-padded (any pad
+        token) and ``lengths[b]`` is prompt b's length. One prefill runs over the padded batch (a prompt's tokens
+        never see the padding after them: attention is causal, quantization per token), then each sequence
+        continues from its own last token, its padding overwritten; decode steps attend each sequence's own
+        length. Returns then a list of 1-D tensors, prompt b's tokens followed by its continuation (up to and
+        including ``eos_token_id``). Without ``lengths``: a [B, T + new] tensor, as before."""
         B, T = input_ids.shape
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, dtype=torch.long).reshape(-1)
+            if lengths.numel() != B or bool((lengths < 1).any()) or bool((lengths > T).any()):
+                raise ValueError(f"lengths must be {B} prompt lengths in [1, {T}] (input_ids is [{B}, {T}], "
+                                 f"right-padded), got {lengths.tolist()}")
         why_not = self.can_capture_decode()
         if cuda_graph and why_not:
             raise ValueError(f"cuda_graph=True, but a decode step cannot be captured: {why_not}")
         use_graph = why_not is None if cuda_graph is None else cuda_graph
         cache = self.new_cache(B, T + max_new_tokens)
-        logits = self(input_ids.to(self.device), cache)[:, -1]
+        logits = self(input_ids.to(self.device), cache)
+        if lengths is None:
+            logits = logits[:, -1]
+        else:
+            logits = logits[torch.arange(B, device=logits.device), lengths.to(logits.device) - 1]
+            cache.set_lengths(lengths)
         step = self._capture_decode_step(cache) if use_graph and max_new_tokens > 1 else None
         out = [input_ids.to(self.device)]
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
@@ -168,12 +188,34 @@ class AtomForCausalLM(nn.Module):
                 ids, logits, graph = step  # logits: the graph's output buffer, rewritten by every replay
                 ids.copy_(nxt.unsqueeze(1))
                 graph.replay()
-        return torch.cat(out, dim=1)
+        if lengths is None:
+            return torch.cat(out, dim=1)
+        new = torch.cat(out[1:], dim=1) if len(out) > 1 else out[0][:, :0]
+        rows = []
+        for b in range(B):
+            cont = new[b]
+            if eos_token_id is not None and bool((cont == eos_token_id).any()):
+                cont = cont[: int((cont == eos_token_id).nonzero()[0]) + 1]
+            rows.append(torch.cat([out[0][b, : int(lengths[b])], cont]))
+        return rows
 
-    def generate_text(self, prompt: str, max_new_tokens: int = 32, **kw) -> str:
-        """Decode a continuation of ``prompt`` with the bundled tokenizer."""
+    def generate_text(self, prompt: str | Sequence[str], max_new_tokens: int = 32, **kw) -> str | list[str]:
+        """Decode a continuation of ``prompt`` with the bundled tokenizer; a list of prompts runs as one batch
+        (prompts of different lengths right-padded, see ``generate(lengths=...)``) and gives a list of texts."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; pass token ids to generate()")
-        ids = self.tokenizer(prompt, return_tensors="pt").input_ids
-        out = self.generate(ids, max_new_tokens, eos_token_id=self.tokenizer.eos_token_id, **kw)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        eos = self.tokenizer.eos_token_id
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+            out = self.generate(ids, max_new_tokens, eos_token_id=eos, **kw)
+            return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        if not prompt:
+            raise ValueError("generate_text: the list of prompts is empty")
+        encoded = [self.tokenizer(p).input_ids for p in prompt]
+        if any(len(e) == 0 for e in encoded):
+            raise ValueError("generate_text: a prompt encodes to no tokens")
+        lengths = [len(e) for e in encoded]
+        pad = eos if eos is not None else 0
+        ids = torch.tensor([e + [pad] * (max(lengths) - len(e)) for e in encoded])
+        outs = self.generate(ids, max_new_tokens, eos_token_id=eos, lengths=lengths, **kw)
+        return [self.tokenizer.decode(o[n:], skip_special_tokens=True) for o, n in zip(outs, lengths)]

@@ -62,3 +62,55 @@ def test_generate_uses_the_cache(smollm2):
     ours = qm.generate(ids, max_new_tokens=8)
     ref = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(ours, ref[:, : ours.shape[1]])
+
+
+def _tiny_w4a4_f64():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from atom_compile import AtomConfig
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval().double()
+    return atom_compile.compile(model, torch.randint(0, 64, (2, 16)), AtomConfig(group_size=32, n_outliers=32),
+                                progress=False)
+
+
+def test_generate_ragged_prompts_continue_as_each_alone():
+    """Prompts of different lengths in one batch (right-padded, ``lengths``) give each prompt's own greedy
+    continuation (W4A4 + KV4, float64 so that batching cannot flip a rounding); with an EOS a row stops after it."""
+    q = _tiny_w4a4_f64()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 64, (n,), generator=g) for n in (5, 9, 2)]
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = p
+    alone = [q.generate(p[None], 6)[0] for p in prompts]
+    batched = q.generate(ids, 6, lengths=[5, 9, 2])
+    assert isinstance(batched, list) and len(batched) == 3
+    for a, r in zip(alone, batched):
+        assert torch.equal(a, r)
+    eos = int(alone[0][5])  # prompt 0's first new token: its row ends there
+    batched = q.generate(ids, 6, lengths=[5, 9, 2], eos_token_id=eos)
+    assert torch.equal(batched[0], alone[0][:6])
+    for a, r in zip(alone[1:], batched[1:]):  # the same tokens, up to and including an EOS if one came
+        assert torch.equal(a[: len(r)], r) and (len(r) == len(a) or int(r[-1]) == eos)
+
+
+def test_generate_lengths_are_checked():
+    q = _tiny_w4a4_f64()
+    ids = torch.randint(1, 64, (2, 4))
+    for bad in ([4], [0, 3], [5, 2]):
+        with pytest.raises(ValueError, match="prompt lengths"):
+            q.generate(ids, 2, lengths=bad)
+
+
+def test_generate_text_takes_a_batch_of_prompts(smollm2):
+    model, tok = smollm2
+    qm = atom_compile.compile(model, None, "fp", tokenizer=tok, progress=False)
+    prompts = ["The capital of France is", "One, two, three, four,"]
+    batched = qm.generate_text(prompts, max_new_tokens=6)
+    assert batched == [qm.generate_text(p, max_new_tokens=6) for p in prompts]
+    with pytest.raises(ValueError, match="empty"):
+        qm.generate_text([], max_new_tokens=2)

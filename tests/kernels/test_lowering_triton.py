@@ -119,6 +119,10 @@ def test_generate_with_cuda_graph_matches_eager(tiny, device):
     eager = q.generate(ids, 12, cuda_graph=False)
     graphed = q.generate(ids, 12, cuda_graph=True)
     assert torch.equal(eager, graphed)
+    # prompts of different lengths (right-padded): the graph replays decode steps over ragged cache lengths
+    ragged = [q.generate(ids, 12, cuda_graph=g, lengths=[5, 2, 4]) for g in (False, True)]
+    assert all(torch.equal(a, b) for a, b in zip(*ragged))
+    assert [len(r) for r in ragged[0]] == [17, 14, 16]
     ref = atom_compile.compile(tiny, torch.randint(0, 64, (2, 16), device=device),
                                AtomConfig(group_size=64, n_outliers=64), progress=False, backend="reference")
     assert "reference ops" in ref.can_capture_decode()
