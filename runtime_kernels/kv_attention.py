@@ -47,6 +47,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .device_info import num_sms
+
 # One query row per KV head (MHA decode) goes to the CUDA-core row kernel unless a caller asks otherwise;
 # False sends it to the tensor-core kernel (A/B timing: bench/bench_layer.py --variants).
 ROW_KERNEL = True
@@ -62,12 +64,6 @@ def interp_mode() -> bool:
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _num_sms(device) -> int:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
 
 
 @triton.jit
@@ -807,7 +803,7 @@ def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, 
         block_n = block_n or 16
         num_warps = num_warps or 1
         if num_splits is None:  # one-warp programs: many per SM
-            num_splits = _decode_splits(B * Hkv, bound, block_n, _num_sms(q.device), ROW_PROGRAMS_PER_SM)
+            num_splits = _decode_splits(B * Hkv, bound, block_n, num_sms(q.device), ROW_PROGRAMS_PER_SM)
         chunk = triton.cdiv(triton.cdiv(bound, num_splits), block_n) * block_n
         if acc_rows is None:  # the key rows one pass of the CTA's threads covers (16-byte loads along a row)
             acc_rows = min(block_n, max(1, 16 * 32 // (D // 2)) * num_warps)
@@ -822,7 +818,7 @@ def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, 
         block_n = 32 if fp32 else 128
     m_tiles = triton.cdiv(rows, block_m)
     if num_splits is None:
-        num_splits = _decode_splits(B * Hkv * m_tiles, bound, block_n, _num_sms(q.device)) if rows <= 64 else 1
+        num_splits = _decode_splits(B * Hkv * m_tiles, bound, block_n, num_sms(q.device)) if rows <= 64 else 1
     chunk = triton.cdiv(triton.cdiv(bound, num_splits), block_n) * block_n
     num_splits = triton.cdiv(bound, chunk)
     if num_warps is None:
@@ -930,7 +926,7 @@ def attention_quant_kv(q: Tensor, k_cache: Tensor, k_params: Tensor, v_cache: Te
         n_rows = B * T * Hq
         # four rows per program, or one where that would leave SMs idle: at batch 1 the 32 rows of up to 64 splits
         # each went to 8 programs (11 us of a 117 us Llama-7B decode layer on the H100)
-        rows = 4 if n_rows >= 4 * _num_sms(q.device) else 1
+        rows = 4 if n_rows >= 4 * num_sms(q.device) else 1
         _combine_kernel[(triton.cdiv(n_rows, rows),)](
             po, pml, o, n_rows, T, Hq, cfg["num_splits"], o.stride(0), o.stride(1),
             D=D, SPLITS_PAD=max(2, triton.next_power_of_2(cfg["num_splits"])), ROWS=rows,

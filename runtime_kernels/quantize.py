@@ -50,6 +50,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .device_info import num_sms
+
 from . import fp8_blockscaled
 from .fp8_blockscaled import _e4m3_bytes
 
@@ -416,12 +418,6 @@ def _maxnreg(n):
     return {} if n is None or _interpreting() else {"maxnreg": n}
 
 
-def _num_sms(device) -> int:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
-
-
 def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_format, clip, norm,
                 rows_per_program=None, num_warps=None, maxnreg=None, x16=False, pairs=None):
     lead = x.shape[:-1]
@@ -446,7 +442,7 @@ def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_fo
         # each program loads the gather indices and the weight once (40 KB of L2 traffic at K = 4096 with an
         # int64 perm) and reuses them for its rows: as many rows as keep ~2 programs per SM busy
         rows_per_program = 1
-        while rows_per_program < 64 and M >= rows_per_program * 2 * 2 * _num_sms(x.device):
+        while rows_per_program < 64 and M >= rows_per_program * 2 * 2 * num_sms(x.device):
             rows_per_program *= 2
     if pairs is None:  # (decode-sized M keeps one row per program and more warps per row)
         pairs = x.element_size() == 2 and rows_per_program >= 2
@@ -456,7 +452,7 @@ def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_fo
         rows_per_program = max(2, rows_per_program + rows_per_program % 2)
     if num_warps is None:
         num_warps = 4 if K_PAD <= 4096 else 8
-        if M <= _num_sms(x.device):  # few rows (decode): more warps per row (H100, 64 x 4096: 4.0 vs 4.3 us)
+        if M <= num_sms(x.device):  # few rows (decode): more warps per row (H100, 64 x 4096: 4.0 vs 4.3 us)
             num_warps = max(num_warps, min(16, K_PAD // 256))
     grid = (triton.cdiv(M, rows_per_program),)
     _row_gather_quant_kernel[grid](
@@ -514,7 +510,7 @@ def silu_mul_quant(gate: Tensor, up: Tensor, fmt: str, group_size: int, n_outlie
         return _shape(lead, _as_e4m3(q, x16), scales, outl, os_)
     GB = groups_per_step or min(triton.next_power_of_2(n_groups), max(1, 2048 // group_size))
     if chunks is None:  # few rows (decode): split each row over programs so that every SM has work
-        chunks = max(1, min(triton.cdiv(n_groups, GB), (4 * _num_sms(gate.device)) // M))
+        chunks = max(1, min(triton.cdiv(n_groups, GB), (4 * num_sms(gate.device)) // M))
     _silu_mul_quant_kernel[(M, chunks)](
         g2, u2, q, scales, outl, os_,
         M, g2.stride(0), u2.stride(0), q.stride(0), scales.stride(0), outl.stride(0), os_.stride(0),

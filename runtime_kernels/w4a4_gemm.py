@@ -53,6 +53,7 @@ GPU model and software), or else ``pick_config``'s table (the autotuner's H100 c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -379,6 +380,7 @@ def _split_for(M: int, N: int, G: int, bn: int, bm: int, waves: float, sms: int 
     return max(1, min(G // 2, round(waves * sms / tiles)))
 
 
+@functools.lru_cache(maxsize=4096)  # (called on every launch without a config: a pure function of its arguments)
 def pick_config(M: int, N: int, G: int, sms: int = 132) -> Config:
     """Launch configuration by problem size without timing anything: the winners of the autotuner on the
     H100 (bench/results/gemm_h100.json, docs/notes_gemm.md), within 2% of the fastest candidate at every
