@@ -822,7 +822,11 @@ def attention_config(q: Tensor, k_cache: Tensor, max_seqlen: int | None = None, 
     chunk = triton.cdiv(triton.cdiv(bound, num_splits), block_n) * block_n
     num_splits = triton.cdiv(bound, chunk)
     if num_warps is None:
-        num_warps = 8 if block_m >= 128 else 4
+        # head_dim 64 decode with >= 128 (sequence, KV head) programs: two warps (H100, SmolLM2's 9 / 3 and 8 / 2 heads,
+        # batch 64-128, contexts 512-4096: 7-21% faster in 11 of 12 cases, 11% slower in one;
+        # bench/diag_gqa_d64_warps.py); fewer programs keep four (two were up to 25% slower at batch 1-16)
+        few_rows_d64 = D == 64 and rows <= 16 and B * Hkv * m_tiles >= 128
+        num_warps = 8 if block_m >= 128 else 2 if few_rows_d64 else 4
     if num_stages is None:
         num_stages = 2 if block_m >= 128 else 3
     # decode: capping registers at 168 fits 3 programs per SM instead of 2 (H200: 316 vs 340 us, MHA B=64 ctx 2048)

@@ -113,6 +113,21 @@ def test_attention_matches_reference(device, dtype, B, T, Hq, Hkv, D, S, lens):
     assert _rel(out, ref) < TOL[dtype]
 
 
+def test_head_dim_64_decode_with_many_programs_uses_two_warps(device):
+    """The launch rule for head_dim 64 GQA decode over >= 128 (sequence, KV head) pairs (two warps per program),
+    and that configuration against the reference op, on ragged lengths."""
+    g = _gen(11)
+    B, Hq, Hkv, D, S = 43, 9, 3, 64, 24
+    kc, kp, vc, vp = _filled_cache(B, Hkv, S, D, device, g)
+    kv_lens = torch.randint(1, S + 1, (B,), generator=g, dtype=torch.int32).to(device)
+    q = (torch.randn(B, 1, Hq * D, generator=g) * 2).to(torch.bfloat16).to(device)
+    assert attention_config(q, kc)["num_warps"] == 2
+    assert attention_config(q[:20], kc[:20])["num_warps"] == 4  # 60 programs: four warps
+    out = attention_quant_kv(q, kc, kp, vc, vp, kv_lens, 4).cpu()
+    ref = ops.attention_quant_kv_reference(*(t.cpu() for t in (q, kc, kp, vc, vp, kv_lens)), 4)
+    assert torch.isfinite(out).all() and _rel(out, ref) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("num_splits,max_seqlen", [(3, None), (None, 40), (2, 32), (1, 8)])
 def test_attention_split_kv(device, num_splits, max_seqlen):
     """Split-KV decode with forced splits, and with a max_seqlen hint, right or too small (last split runs on)."""
