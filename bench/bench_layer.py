@@ -1,4 +1,5 @@
-"""A whole Llama-7B-shaped decoder layer: Atom W4A4 + 4-bit KV (Triton) against bf16 (cuBLAS + SDPA).
+"""A whole Llama-7B-shaped decoder layer (or Llama-3-8B-shaped, GQA: ``--shape llama3-8b``): Atom W4A4 + 4-bit KV
+(Triton) against bf16 (cuBLAS + SDPA).
 
 Random weights (speed only). Decode: batch 64, one new token per sequence, 1024 cached tokens. Prefill: 4096
 tokens of one sequence. Both layers run under CUDA graphs, as a serving engine's decode loop does; both use
@@ -10,7 +11,7 @@ Ours is called as ``AtomForCausalLM.forward`` calls it: inside ``uniform_cache_l
 sequence held before a multi-token step (0 for the prefill: its attention then runs on cuDNN over the dequantized
 4-bit K/V; the variant "prefill attention on the Triton kernel" leaves it unset).
 
-    python -m bench.bench_layer --out bench/results/layer_h100.json [--quick]
+    python -m bench.bench_layer --out bench/results/layer_h100.json [--quick] [--shape llama3-8b]
 """
 
 from __future__ import annotations
@@ -40,12 +41,19 @@ DEV = "cuda"
 DT = torch.bfloat16
 
 
-def llama7b_config(quick: bool) -> LlamaConfig:
+SHAPES = {  # (hidden, intermediate, query heads, KV heads)
+    "llama-7b": (4096, 11008, 32, 32),  # the issue's layer (MHA)
+    "llama3-8b": (4096, 14336, 32, 8),  # GQA with 8 KV heads, as most current models
+}
+
+
+def layer_config(quick: bool, shape: str = "llama-7b") -> LlamaConfig:
     if quick:
         return LlamaConfig(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8,
                            num_hidden_layers=1, vocab_size=32000)
-    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                       num_hidden_layers=1, vocab_size=32000)
+    hidden, inter, heads, kv_heads = SHAPES[shape]
+    return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, num_hidden_layers=1, vocab_size=32000)
 
 
 def rotary(positions: torch.Tensor, D: int, base: float = 10000.0):
@@ -175,9 +183,9 @@ VARIANTS = ("atom, quantizers write packed codes", "atom, tensor-core decode att
 
 
 def run(quick: bool, out: str | None, config_name: str, overrides: dict | None = None,
-        variants: bool = False, decode_batches: list[int] | None = None) -> None:
+        variants: bool = False, decode_batches: list[int] | None = None, shape: str = "llama-7b") -> None:
     torch.manual_seed(0)
-    cfg = llama7b_config(quick)
+    cfg = layer_config(quick, shape)
     layer = LlamaDecoderLayer(cfg, 0).to(DEV, DT).eval()
     with torch.no_grad():
         for p in layer.parameters():
@@ -231,7 +239,7 @@ def run(quick: bool, out: str | None, config_name: str, overrides: dict | None =
                 "bf16": kernel_breakdown(lambda: base(x, cos, sin, kb, vb, ctx_len)),
             }
     extra["overrides"] = overrides or {}
-    report(f"decoder layer ({'quick' if quick else 'Llama-7B'} shapes, {config_name} {overrides or ''} vs bf16)",
+    report(f"decoder layer ({'quick' if quick else shape} shapes, {config_name} {overrides or ''} vs bf16)",
            rows, out, extra)
     for name, b in extra["breakdown"].items():
         for side in ("atom", "bf16"):
@@ -250,6 +258,8 @@ if __name__ == "__main__":
     ap.add_argument("--variants", action="store_true",
                     help="also time the layer with packed quantizer codes and with tensor-core decode attention")
     ap.add_argument("--decode-batches", default=None, help="decode only, at these batch sizes, e.g. 1,16,64,256")
+    ap.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES),
+                    help="the layer's shape: llama-7b (the issue's, MHA) or llama3-8b (GQA, 8 KV heads)")
     a = ap.parse_args()
     run(a.quick, a.out, a.config, _parse_overrides(a.set), a.variants,
-        [int(b) for b in a.decode_batches.split(",")] if a.decode_batches else None)
+        [int(b) for b in a.decode_batches.split(",")] if a.decode_batches else None, a.shape)
