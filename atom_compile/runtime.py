@@ -138,6 +138,7 @@ class AtomForCausalLM(nn.Module):
         generator: torch.Generator | None = None,
         cuda_graph: bool | None = None,
         lengths: Sequence[int] | Tensor | None = None,
+        attention_mask: Tensor | None = None,
     ) -> Tensor | list[Tensor]:
         """Greedy (temperature 0) or sampled continuation, one token per step through the KV cache.
 
@@ -149,7 +150,23 @@ class AtomForCausalLM(nn.Module):
         never see the padding after them: attention is causal, quantization per token), then each sequence
         continues from its own last token, its padding overwritten; decode steps attend each sequence's own
         length. Returns then a list of 1-D tensors, prompt b's tokens followed by its continuation (up to and
-        including ``eos_token_id``). Without ``lengths``: a [B, T + new] tensor, as before."""
+        including ``eos_token_id``). Without ``lengths``: a [B, T + new] tensor, as before.
+
+        ``attention_mask``: the transformers way of saying the same ([B, T], 1 on a prompt's tokens, 0 on padding,
+        left or right): each row's tokens where the mask is 1 are taken in order, then as with ``lengths``."""
+        if attention_mask is not None:
+            if lengths is not None:
+                raise ValueError("give lengths or attention_mask, not both")
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            keep = attention_mask.bool().cpu()
+            rows = [input_ids[b].cpu()[keep[b]] for b in range(input_ids.shape[0])]
+            lengths = [len(r) for r in rows]
+            padded = torch.zeros(len(rows), max(max(lengths), 1), dtype=input_ids.dtype)
+            for b, r in enumerate(rows):
+                padded[b, : len(r)] = r
+            input_ids = padded
         B, T = input_ids.shape
         if lengths is not None:
             lengths = torch.as_tensor(lengths, dtype=torch.long).reshape(-1)

@@ -114,3 +114,25 @@ def test_generate_text_takes_a_batch_of_prompts(smollm2):
     assert batched == [qm.generate_text(p, max_new_tokens=6) for p in prompts]
     with pytest.raises(ValueError, match="empty"):
         qm.generate_text([], max_new_tokens=2)
+
+
+def test_generate_takes_a_transformers_attention_mask():
+    """Left padding with an attention mask (as transformers' tokenizers pad for generation) gives the rows that
+    right padding with ``lengths`` gives; a mask of the wrong shape, or with lengths too, is refused."""
+    q = _tiny_w4a4_f64()
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 64, (n,), generator=g) for n in (6, 3)]
+    left = torch.zeros(2, 6, dtype=torch.long)
+    mask = torch.zeros(2, 6, dtype=torch.long)
+    right = torch.zeros(2, 6, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        left[b, 6 - len(p):] = p
+        mask[b, 6 - len(p):] = 1
+        right[b, : len(p)] = p
+    by_mask = q.generate(left, 5, attention_mask=mask)
+    by_lengths = q.generate(right, 5, lengths=[6, 3])
+    assert all(torch.equal(a, b) for a, b in zip(by_mask, by_lengths))
+    with pytest.raises(ValueError, match="shape"):
+        q.generate(left, 2, attention_mask=mask[:, 1:])
+    with pytest.raises(ValueError, match="not both"):
+        q.generate(left, 2, attention_mask=mask, lengths=[6, 3])
