@@ -50,9 +50,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .device_info import num_sms
-
 from . import fp8_blockscaled
+from .device_info import num_sms
 from .fp8_blockscaled import _e4m3_bytes
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}

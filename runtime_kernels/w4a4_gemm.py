@@ -516,9 +516,11 @@ def _graph_time_us(fn, flush: Tensor, reps: int = 10) -> float:
 
 # ---------------------------------------------------------------------------------- tuned configurations on disk
 def autotune_cache_path() -> Path:
-    """Where the autotuner's choices persist: ``$ATOM_COMPILE_CACHE/w4a4_autotune.json`` (the same folder as
-    converted checkpoints, ``atom_compile.models.cache_dir``; default ``~/.cache/atom-compile``)."""
-    return Path(os.environ.get("ATOM_COMPILE_CACHE", Path.home() / ".cache" / "atom-compile")) / "w4a4_autotune.json"
+    """Where the autotuner's choices persist: ``w4a4_autotune.json`` in the project's cache folder, next to
+    converted checkpoints (``$ATOM_COMPILE_CACHE``, default ``~/.cache/atom-compile``)."""
+    from atom_compile.models import cache_dir  # (imported when tuning: models pulls in transformers)
+
+    return cache_dir() / "w4a4_autotune.json"
 
 
 def device_key(device) -> str:
