@@ -33,6 +33,7 @@ ELEMENT_FORMATS = INT_FORMATS | {"fp4"}
 OUTLIER_FORMATS = {"int8", "fp16"}
 WEIGHT_METHODS = {"rtn", "gptq"}
 OUTLIER_METRICS = {"hessian", "abs_mean"}
+CHANNEL_ORDERS = {"score", "blocks"}
 KV_BITS = {2, 4, 8}
 
 
@@ -79,6 +80,10 @@ class AtomConfig:
     n_outliers: int = 128
     outlier_format: str = "int8"
     outlier_metric: str = "hessian"
+    # "score": the normal channels sorted by outlier score (Atom's reorder); "blocks": each normal group one block
+    # of consecutive input channels, its outliers swapped for the leftover blocks' normal channels (the GPU
+    # quantizer then loads groups as contiguous runs instead of gathering every channel; passes/outlier_analysis.py)
+    channel_order: str = "score"
     weight_clip: float = 0.85
     act_clip: float = 0.9
     weight_method: str = "rtn"
@@ -109,6 +114,8 @@ class AtomConfig:
             bad(f"outlier_format {self.outlier_format!r} is not one of {sorted(OUTLIER_FORMATS)}")
         if self.outlier_metric not in OUTLIER_METRICS:
             bad(f"outlier_metric {self.outlier_metric!r} is not one of {sorted(OUTLIER_METRICS)}")
+        if self.channel_order not in CHANNEL_ORDERS:
+            bad(f"channel_order {self.channel_order!r} is not one of {sorted(CHANNEL_ORDERS)}")
         if self.weight_method not in WEIGHT_METHODS:
             bad(f"weight_method {self.weight_method!r} is not one of {sorted(WEIGHT_METHODS)}")
         if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):

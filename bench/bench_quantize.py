@@ -17,7 +17,8 @@ import argparse
 import torch
 
 from atom_compile import ops, quant
-from atom_compile.runtime_kernels.quantize import gather_quant, rms_norm_quant, silu_mul_quant
+from atom_compile.passes.outlier_analysis import block_channel_order
+from atom_compile.runtime_kernels.quantize import gather_quant, plan_blocks, rms_norm_quant, silu_mul_quant
 from bench.common import bench_us, copy_bandwidth_gbs, report
 
 CLIP = 0.9
@@ -137,6 +138,30 @@ def main(argv=None):
                   lambda: ops.gather_quant_reference(*_cpu_rows(x, perm), *qargs),
                   _bytes(M, K, n_out, g, 1, K * perm.element_size()), copy_gbs,
                   "gather_quant", f"{M}x{K}", lambda o, r: _check(o, r, g, True), sweep)
+
+    # --- the same two with channel_order="blocks" (random outliers): contiguous group loads + fix-ups (BlockPlan)
+    bperm = block_channel_order(torch.randperm(K, generator=torch.Generator().manual_seed(0)), n_out, g).to(dev)
+    plan = plan_blocks(bperm, n_out, g)
+    table = K * 4 + n_out * 4  # the deltas and the outlier indices
+    label = f"block order, {plan.n_swapped} swapped channels"
+    configs = [(f"rows={r},warps={nw},prefetch={pf}", r, nw, pf)
+               for r, nw, pf in ((1, 2, False), (1, 4, False), (1, 8, False), (2, 4, False), (2, 4, True),
+                                 (4, 4, False), (4, 4, True), (16, 4, True))]
+    rows += _time(lambda: rms_norm_quant(x, w, EPS, plan, *qargs),
+                  lambda: ops.rms_norm_quant_reference(x, w, EPS, bperm, *qargs),
+                  lambda: ops.rms_norm_quant_reference(*_cpu_rows(x, w), EPS, bperm.cpu(), *qargs),
+                  _bytes(M, K, n_out, g, 1, K * 2 + table), copy_gbs,
+                  f"rms_norm_quant ({label})", f"{M}x{K}", lambda o, r: _check(o, r, g, False),
+                  [(n, (lambda r=r, nw=nw, pf=pf: rms_norm_quant(x, w, EPS, plan, *qargs, rows_per_program=r,
+                                                                 num_warps=nw, prefetch=pf)))
+                   for n, r, nw, pf in configs])
+    rows += _time(lambda: gather_quant(x, plan, *qargs), lambda: ops.gather_quant_reference(x, bperm, *qargs),
+                  lambda: ops.gather_quant_reference(*_cpu_rows(x, bperm), *qargs),
+                  _bytes(M, K, n_out, g, 1, table), copy_gbs,
+                  f"gather_quant ({label})", f"{M}x{K}", lambda o, r: _check(o, r, g, True),
+                  [(n, (lambda r=r, nw=nw, pf=pf: gather_quant(x, plan, *qargs, rows_per_program=r, num_warps=nw,
+                                                               prefetch=pf)))
+                   for n, r, nw, pf in configs])
     del x
 
     # --- SiLU(gate) * up + quantize (down_proj input), at the hidden and the intermediate size

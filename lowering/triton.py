@@ -78,22 +78,50 @@ class _X16Quantizer:
         return self.fn(*args, x16="e4m3" if blockscaled else True)
 
 
+class _BlockOrderQuantizer:
+    """A quantizer called with its channel order's BlockPlan (made once, here) in place of the order tensor: the
+    kernel then loads each group as a contiguous run instead of gathering every channel."""
+
+    def __init__(self, fn, perm_index: int, plan):
+        self.fn = fn
+        self.perm_index = perm_index
+        self.plan = plan
+        self.__name__ = f"{fn.__name__}_blocks"
+
+    def __call__(self, *args, **kwargs):
+        args = list(args)
+        args[self.perm_index] = self.plan
+        return self.fn(*args, **kwargs)
+
+
+# the channel-order argument of the quantizers that take one
+_PERM_ARG = {atom.rms_norm_quant.default: 3, atom.gather_quant.default: 1}
+
+
 class QuantizerBinding(Binding):
     """rms_norm_quant, silu_mul_quant, gather_quant: one row-wise kernel each."""
 
     def bind(self, gm, node):
-        fmt, group_size, _n_out, outlier_format = node.args[-5:-1]
+        fmt, group_size, n_out, outlier_format = node.args[-5:-1]
         why = _int4_act(fmt, group_size, outlier_format) or (None if group_size in (64, 128) else f"group {group_size}")
         if why:
             return _reference(node.target, why)
+        fn, how = self.fn, "one program per token row, fp32 statistics"
+        perm = node.args[_PERM_ARG[node.target]] if node.target in _PERM_ARG else None
+        plan = None
+        if isinstance(perm, fx.Node) and perm.op == "get_attr":
+            plan = rk.plan_blocks(getattr(gm, perm.target), n_out, group_size)
+        if plan is not None:
+            fn = _BlockOrderQuantizer(fn, _PERM_ARG[node.target], plan)
+            how += f"; channel order in blocks: contiguous group loads, {plan.n_swapped} swapped channels patched"
         if X16_ACTIVATIONS and _codes_only_read_by_gemm_kernels(node):
             node.meta["atom.x16"] = True
             gemms = [(getattr(gm, u.args[4].target).shape[0], u.args[11], u.args[14])
                      for g in node.users if g.args[1] == 0 for u in g.users]
-            return (_X16Quantizer(self.fn, gemms), self.name,
-                    "one program per token row, fp32 statistics; codes written as int8 16 * code for the GEMM "
+            return (_X16Quantizer(fn, gemms), self.name,
+                    how + "; codes written as int8 16 * code for the GEMM "
                     "(as e4m3 into its cuBLAS operand when the call takes the large-M path)")
-        return self.fn, self.name, "one program per token row, fp32 statistics"
+        return fn, self.name, how
 
 
 class W4A4Linear:

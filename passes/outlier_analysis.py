@@ -13,6 +13,12 @@ q/k/v and gate/up, share one order), recorded in meta::
             gm.meta["atom.outlier_order"] = {"input_layernorm": perm, "attention": ..., ...}
             gm.meta["atom.input_hessians"] = {"input_layernorm": X^T X, ...}     # GPTQ only
 
+With ``channel_order="blocks"`` (AtomConfig) the same outliers go last, but the normal channels are not sorted:
+each normal group is one block of g consecutive input channels (the K_n / g blocks with the fewest outliers), and
+the outlier channels inside those blocks are swapped for the normal channels of the blocks left over
+(``block_channel_order``). The GPU quantizer then loads each group as one contiguous run and fixes up the few
+swapped channels, instead of gathering every channel of the row (runtime_kernels/quantize.py).
+
 Scores are taken in the input's original channel order: ``hessian`` = sum of x^2 over all calibration
 tokens (the diagonal of X^T X), ``abs_mean`` = mean |x|. When the weights use GPTQ, the same forward
 pass accumulates the whole X^T X of each input for it: the layer's float activations on inputs that
@@ -25,6 +31,37 @@ import torch
 import torch.fx as fx
 
 from .base import AtomPass, PassResult, get_attr_tensor, linear_nodes
+
+
+def block_channel_order(score_order: torch.Tensor, n_outliers: int, group_size: int) -> torch.Tensor:
+    """A channel order with the same outliers last (the last ``n_outliers`` of ``score_order``, in that order)
+    whose normal groups are blocks of ``group_size`` consecutive channels.
+
+    The (K - n) / g full blocks with the fewest outliers (ties: the lower block) become the groups, in channel
+    order; inside them each outlier channel is replaced, in ascending order, by the next normal channel that lies
+    outside every chosen block. Example, K = 8, g = 2, outliers {1, 6}: 3 groups; blocks 1 and 2 hold no outlier,
+    blocks 0 and 3 one each, so the groups are blocks 0, 1, 2 and channel 7 takes outlier 1's place:
+    [0, 7, 2, 3, 4, 5 | 1, 6].
+    """
+    K = score_order.numel()
+    if (K - n_outliers) % group_size:
+        raise ValueError(f"{K} channels - {n_outliers} outliers are not groups of {group_size}")
+    n_groups = (K - n_outliers) // group_size
+    outliers = score_order[K - n_outliers:]
+    is_outlier = torch.zeros(K, dtype=torch.bool)
+    is_outlier[outliers] = True
+    n_blocks = K // group_size
+    counts = is_outlier[: n_blocks * group_size].view(n_blocks, group_size).sum(1)
+    chosen = sorted(sorted(range(n_blocks), key=lambda b: (int(counts[b]), b))[:n_groups])
+    in_group = torch.zeros(K, dtype=torch.bool)
+    for b in chosen:
+        in_group[b * group_size:(b + 1) * group_size] = True
+    fill = iter(torch.nonzero(~in_group & ~is_outlier).flatten().tolist())
+    normal = []
+    for b in chosen:
+        for c in range(b * group_size, (b + 1) * group_size):
+            normal.append(next(fill) if is_outlier[c] else c)
+    return torch.cat([torch.tensor(normal, dtype=score_order.dtype), outliers])
 
 
 def linear_inputs(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
@@ -75,9 +112,12 @@ class OutlierAnalysis(AtomPass):
                 continue
             score = sq[name] if cfg.outlier_metric == "hessian" else absum[name] / self.ctx.calibration.num_tokens
             perm = torch.argsort(score, stable=True)
+            spec = cfg.resolve(K[name])
+            if cfg.channel_order == "blocks" and spec.n_outliers:
+                perm = block_channel_order(perm, spec.n_outliers, spec.group_size)
             orders[name] = perm
             node = nodes[name]
             node.meta["atom.channel_order"] = perm
             node.meta["atom.channel_scores"] = score.float()
-            node.meta["atom.n_outliers"] = cfg.resolve(K[name]).n_outliers
+            node.meta["atom.n_outliers"] = spec.n_outliers
         return PassResult(gm, False)

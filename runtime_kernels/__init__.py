@@ -10,3 +10,4 @@ from .hadamard import hadamard_heads  # noqa: F401
 from .rope import rope  # noqa: F401
 from .w4a4_gemm import takes_blockscaled_path  # noqa: F401
 from .kv_attention import kv_dequantize, takes_dense_prefill  # noqa: F401
+from .quantize import BlockPlan, plan_blocks  # noqa: F401

@@ -45,6 +45,8 @@ and 2 programs per SM the kernel is issue- and latency-bound. See docs/performan
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -109,8 +111,15 @@ def _magic_codes(v, QMIN: tl.constexpr, QMAX: tl.constexpr):
 
 
 @triton.jit
+def _magic_codes_hi(v, QMAX: tl.constexpr):
+    """_magic_codes without the lower clamp, for v >= QMIN - 0.5 (see _int4_group_codes)."""
+    w = tl.minimum(v + 12582912.0, 12582912.0 + QMAX)
+    return w.to(tl.int32, bitcast=True) - 0x4B400000
+
+
+@triton.jit
 def _int4_group_codes(y_lo, y_hi, clip, scale_ptrs, q_ptrs, mask2d, gmask, NATIVE: tl.constexpr,
-                      X16: tl.constexpr = False, HALF: tl.constexpr = 64):
+                      X16: tl.constexpr = False, HALF: tl.constexpr = 64, CLAMP_LOW: tl.constexpr = True):
     """Quantize a tile of groups [G, g/2] x 2 (low / high halves), store scales and packed bytes, or with X16
     16 * code as int8 at q_ptrs (low half) and q_ptrs + HALF (high half) (the W4A4 GEMM's MMA operand), or with
     X16 == 2 the codes' e4m3 bytes at the same places (the cuBLAS block-scaled GEMM's operand)."""
@@ -120,8 +129,12 @@ def _int4_group_codes(y_lo, y_hi, clip, scale_ptrs, q_ptrs, mask2d, gmask, NATIV
     s = tl.where(scale > 0, scale, 1.0)
     r = tl.math.div_rn(1.0, s)[:, None]
     s = s[:, None]
-    c_lo = _magic_codes(_div_rn(y_lo, s, r, NATIVE), -8, 7)
-    c_hi = _magic_codes(_div_rn(y_hi, s, r, NATIVE), -8, 7)
+    if CLAMP_LOW:
+        c_lo = _magic_codes(_div_rn(y_lo, s, r, NATIVE), -8, 7)
+        c_hi = _magic_codes(_div_rn(y_hi, s, r, NATIVE), -8, 7)
+    else:  # clip >= 0.85: |y / s| <= 7 / clip < 8.5, so the codes are >= -8 already
+        c_lo = _magic_codes_hi(_div_rn(y_lo, s, r, NATIVE), 7)
+        c_hi = _magic_codes_hi(_div_rn(y_hi, s, r, NATIVE), 7)
     if X16 == 2:
         tl.store(q_ptrs, _e4m3_bytes(c_lo), mask=mask2d)
         tl.store(q_ptrs + HALF, _e4m3_bytes(c_hi), mask=mask2d)
@@ -294,6 +307,162 @@ def _row_gather_quant_kernel(
                                    gi, qcol, mask2d, gmask, offs_o, NORM, X_DTYPE, Y_DTYPE, N_OUT, NATIVE, X16, HALF)
 
 
+# ============================================================================ block channel order
+_NORM_BF16_ASM = tl.constexpr("""
+{
+.reg .b32 n, y;
+cvt.rn.bf16x2.f32 n, $3, $2;
+mul.rn.bf16x2 y, $4, n;
+shl.b32 $0, y, 16;
+and.b32 $1, y, 0xffff0000;
+}
+""")
+
+
+@triton.jit
+def _norm_values(x, w, rstd, NORM: tl.constexpr, X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr,
+                 NATIVE: tl.constexpr):
+    """RMSNorm's round(w * round(x * rstd)) in fp32 (NORM), else x. For bf16 on a GPU, w is the bf16 weight and
+    both roundings run packed (cvt.rn.bf16x2.f32, then mul.rn.bf16x2: the exact product of two bf16 rounded
+    once, as torch's bf16 multiply does), two values per instruction."""
+    if NORM:
+        if NATIVE and X_DTYPE == tl.bfloat16 and Y_DTYPE == tl.bfloat16:
+            return tl.inline_asm_elementwise(_NORM_BF16_ASM, "=r,=r,r,r,r", [x * rstd, w], dtype=tl.float32,
+                                             is_pure=True, pack=2)
+        return _round_to(w.to(tl.float32) * _round_to(x * rstd, X_DTYPE, NATIVE), Y_DTYPE, NATIVE)
+    else:
+        return x
+
+
+def _patch_asm() -> str:
+    """PTX for 8 16-bit values (4 packed registers $16-$19 -> $0-$3): where the int16 src ($12-$15, packed) is not
+    0, the value at row base ($4) + 2 * (src - 1) replaces it. One test and a branch skip the 8 when none is
+    swapped (the common case); ${:uid} makes the label unique per inlined copy."""
+    lines = ["{", ".reg .pred p, q;", ".reg .b32 t;", ".reg .b16 s<8>, v<8>;", ".reg .u64 a;",
+             "mov.b32 $0, $16;", "mov.b32 $1, $17;", "mov.b32 $2, $18;", "mov.b32 $3, $19;",
+             "or.b32 t, $12, $13;", "or.b32 t, t, $14;", "or.b32 t, t, $15;", "setp.eq.b32 p, t, 0;",
+             "@p bra.uni PATCH_DONE_${:uid};"]
+    for r in range(4):
+        lines += [f"mov.b32 {{s{2 * r}, s{2 * r + 1}}}, ${12 + r};", f"mov.b32 {{v{2 * r}, v{2 * r + 1}}}, ${16 + r};"]
+    for i in range(8):
+        lines += [f"setp.ne.u16 q, s{i}, 0;", f"cvt.u64.u16 a, s{i};", "shl.b64 a, a, 1;", "add.u64 a, a, $4;",
+                  f"@q ld.global.b16 v{i}, [a+-2];"]
+    for r in range(4):
+        lines.append(f"mov.b32 ${r}, {{v{2 * r}, v{2 * r + 1}}};")
+    lines += ["PATCH_DONE_${:uid}:", "}"]
+    return "\n".join(lines)
+
+
+_PATCH_ASM = tl.constexpr(_patch_asm())
+_PATCH_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r," + ",".join(["l"] * 8 + ["r"] * 8))
+
+
+@triton.jit
+def _patch16(row_ptr, src, x, NATIVE: tl.constexpr):
+    """x (16-bit values of the row at row_ptr) with row_ptr[src - 1] in place of each value whose int16 src is not 0.
+
+    On a GPU an elementwise asm block per 8 values that skips them with one branch when none is swapped (a
+    tl.load with per-element addresses would also make Triton pick another register layout for the tile, one
+    that spreads a group over the warps, and convert everything to it)."""
+    if NATIVE:
+        base = tl.zeros_like(src).to(tl.int64) + row_ptr.to(tl.int64)
+        return tl.inline_asm_elementwise(_PATCH_ASM, _PATCH_CONSTRAINTS, [base, src, x], dtype=x.dtype,
+                                         is_pure=True, pack=8)
+    else:
+        return tl.load(row_ptr + src - 1, mask=src != 0, other=x)
+
+
+@triton.jit
+def _row_blocks_quant_kernel(
+    x_ptr, w_ptr, base_ptr, src_ptr, outl_ptr, q_ptr, s_ptr, o_ptr, os_ptr,
+    M, K, stride_xm, stride_qm, stride_sm, stride_om, stride_osm,
+    eps, clip,
+    NORM: tl.constexpr, X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr,
+    GROUP: tl.constexpr, N_GROUPS: tl.constexpr, G_PAD: tl.constexpr, N_OUT: tl.constexpr,
+    ROWS: tl.constexpr, NATIVE: tl.constexpr, X16: tl.constexpr, PREFETCH: tl.constexpr, CLAMP_LOW: tl.constexpr,
+):
+    """rms_norm_quant / gather_quant for a channel order whose normal groups are blocks of consecutive input
+    channels with a few channels swapped in (``BlockPlan``; ``channel_order="blocks"`` makes such orders).
+
+    Group g is loaded as one contiguous run x[base[g] : base[g] + GROUP] (16-byte loads, no gather); at the
+    positions where the order takes another channel (src = that channel + 1, else 0) a load from the row just
+    read (L1) replaces the value. Everything stays in the tile's layout, where a group
+    sits in one warp, so the group maxima need no shared memory. Programs take ROWS consecutive rows (with
+    PREFETCH the next row's runs are loaded before the current one is processed). Grid: (cdiv(M, ROWS),).
+    """
+    HALF: tl.constexpr = GROUP // 2
+    pid = tl.program_id(0)
+    gi = tl.arange(0, G_PAD)
+    gmask = gi < N_GROUPS
+    jj = tl.arange(0, HALF)
+    mask2d = gmask[:, None] & (jj[None, :] < HALF)
+    base = tl.multiple_of(tl.load(base_ptr + gi), GROUP)  # padded groups: 0 (their loads are masked)
+    col_lo = base[:, None] + jj[None, :]
+    pos_lo = gi[:, None] * GROUP + jj[None, :]  # reordered position (the weight and src are there)
+    w_lo = 1.0
+    w_hi = 1.0
+    w_o = 1.0
+    if NORM:  # (in the weight's dtype: _norm_values converts)
+        w_lo = tl.load(w_ptr + pos_lo, mask=mask2d, other=0.0)
+        w_hi = tl.load(w_ptr + pos_lo + HALF, mask=mask2d, other=0.0)
+    if X16:
+        qcol = gi[:, None] * GROUP + jj[None, :]
+    else:
+        qcol = gi[:, None] * HALF + jj[None, :]
+    offs_o = tl.arange(0, N_OUT if N_OUT > 0 else 1)
+    if N_OUT > 0:
+        outl = tl.load(outl_ptr + offs_o)
+        if NORM:
+            w_o = tl.load(w_ptr + N_GROUPS * GROUP + offs_o)
+    row0 = pid * ROWS
+    if PREFETCH:
+        xrow = x_ptr + row0.to(tl.int64) * stride_xm
+        xl_next = tl.load(xrow + col_lo, mask=mask2d & (row0 < M), other=0.0)
+        xh_next = tl.load(xrow + col_lo + HALF, mask=mask2d & (row0 < M), other=0.0)
+    for r in range(0, ROWS):
+        row = row0 + r
+        rmask = row < M
+        row64 = row.to(tl.int64)
+        xrow = x_ptr + row64 * stride_xm
+        if PREFETCH:  # the next row's runs are requested before this one is processed
+            x_lo = xl_next
+            x_hi = xh_next
+            nxt = x_ptr + (row64 + 1) * stride_xm
+            nmask = mask2d & (row + 1 < M) & (r + 1 < ROWS)
+            xl_next = tl.load(nxt + col_lo, mask=nmask, other=0.0)
+            xh_next = tl.load(nxt + col_lo + HALF, mask=nmask, other=0.0)
+        else:
+            x_lo = tl.load(xrow + col_lo, mask=mask2d & rmask, other=0.0)
+            x_hi = tl.load(xrow + col_lo + HALF, mask=mask2d & rmask, other=0.0)
+        s_lo = tl.load(src_ptr + pos_lo, mask=mask2d & rmask, other=0)  # (0 past M: nothing loaded there)
+        s_hi = tl.load(src_ptr + pos_lo + HALF, mask=mask2d & rmask, other=0)
+        if X_DTYPE == tl.float32:  # (no 16-bit asm for fp32 rows: a masked load)
+            x_lo = tl.load(xrow + s_lo - 1, mask=s_lo != 0, other=x_lo)
+            x_hi = tl.load(xrow + s_hi - 1, mask=s_hi != 0, other=x_hi)
+        else:
+            x_lo = _patch16(xrow, s_lo, x_lo, NATIVE)
+            x_hi = _patch16(xrow, s_hi, x_hi, NATIVE)
+        x_lo = x_lo.to(tl.float32)
+        x_hi = x_hi.to(tl.float32)
+        rstd = 1.0
+        x_o = 0.0
+        if N_OUT > 0:
+            x_o = tl.load(xrow + outl, mask=rmask, other=0.0).to(tl.float32)
+        if NORM:
+            ss = tl.sum(tl.sum(x_lo * x_lo + x_hi * x_hi, axis=1), axis=0)
+            if N_OUT > 0:
+                ss += tl.sum(x_o * x_o, axis=0)
+            rstd = tl.math.rsqrt(ss / K + eps)
+        y_lo = _norm_values(x_lo, w_lo, rstd, NORM, X_DTYPE, Y_DTYPE, NATIVE)
+        y_hi = _norm_values(x_hi, w_hi, rstd, NORM, X_DTYPE, Y_DTYPE, NATIVE)
+        _int4_group_codes(y_lo, y_hi, clip, s_ptr + row64 * stride_sm + gi, q_ptr + row64 * stride_qm + qcol,
+                          mask2d & rmask, gmask & rmask, NATIVE, X16, HALF, CLAMP_LOW)
+        if N_OUT > 0:
+            y_o = _norm_values(x_o, w_o, rstd, NORM, X_DTYPE, Y_DTYPE, NATIVE)
+            _int8_outliers(y_o, o_ptr + row64 * stride_om + offs_o, os_ptr + row64 * stride_osm,
+                           (offs_o < N_OUT) & rmask, rmask, NATIVE)
+
+
 # ============================================================================ SiLU * up, chunked
 @triton.jit
 def _silu_mul(g, u, H_DTYPE: tl.constexpr, NATIVE: tl.constexpr):
@@ -416,16 +585,105 @@ def _rows2d(x: Tensor) -> Tensor:
 def _maxnreg(n):
     return {} if n is None or _interpreting() else {"maxnreg": n}
 
+# plan_blocks refuses an order with more swapped positions than this fraction of a group in some group (the
+# block kernel was measured with 3% swapped: 119 of 3968, random outliers at Llama-7B's size)
+BLOCK_MAX_SWAPPED_FRACTION = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    """What ``_row_blocks_quant_kernel`` needs to know about a channel order whose normal groups are blocks of
+    consecutive input channels with a few channels swapped in (``plan_blocks``; made once per order).
+
+    Tensors on the order's device: ``base`` int32 [G_PAD] the first input channel of each group's block;
+    ``src`` int16 [Kn] per position 1 + the order's channel where it is not the block's own, else 0;
+    ``outliers`` int32 [n_out] the order's last n_out channels."""
+
+    K: int
+    group_size: int
+    n_outliers: int
+    base: Tensor
+    src: Tensor
+    outliers: Tensor
+
+    @property
+    def n_groups(self) -> int:
+        return (self.K - self.n_outliers) // self.group_size
+
+    @property
+    def n_swapped(self) -> int:
+        """Positions of the normal groups that hold a channel from outside their block."""
+        return int((self.src != 0).sum())
+
+
+def plan_blocks(perm: Tensor, n_outliers: int, group_size: int, max_swapped: int | None = None) -> BlockPlan | None:
+    """The BlockPlan of a channel order, or None when its groups are not blocks with at most ``max_swapped``
+    (default: ``BLOCK_MAX_SWAPPED_FRACTION`` of the group) positions swapped in each: then the gather kernel is used.
+
+    Each group's block is the offset that most of its positions agree on (perm[g*i + j] - j, a multiple of g).
+    Reads the order on the host: call it once per order (the lowering does, at bind time), not per call."""
+    p = perm.detach().to("cpu", torch.int64).flatten()
+    K = p.numel()
+    Kn = K - n_outliers
+    if group_size % 2 or Kn <= 0 or Kn % group_size:
+        return None
+    G = Kn // group_size
+    blocks = p[:Kn].view(G, group_size)
+    off = blocks - torch.arange(group_size)
+    valid = (off % group_size == 0) & (off >= 0) & (off <= K - group_size)
+    base = torch.empty(G, dtype=torch.int64)
+    for i in range(G):
+        vals = off[i][valid[i]]
+        if vals.numel() == 0:
+            return None
+        base[i] = torch.mode(vals).values
+    delta = blocks - (base[:, None] + torch.arange(group_size))
+    if max_swapped is None:
+        max_swapped = int(group_size * BLOCK_MAX_SWAPPED_FRACTION)
+    if int((delta != 0).sum(1).max()) > max_swapped:
+        return None
+    if K > 32766:  # src is int16
+        return None
+    dev = perm.device
+    base_pad = torch.zeros(triton.next_power_of_2(G), dtype=torch.int32)
+    base_pad[:G] = base.to(torch.int32)
+    return BlockPlan(K=K, group_size=group_size, n_outliers=n_outliers, base=base_pad.to(dev),
+                     src=torch.where(delta != 0, blocks + 1, 0).flatten().to(torch.int16).to(dev), outliers=p[Kn:].to(torch.int32).to(dev))
+
+
+def _blocks_launch(x2, weight, eps, plan: BlockPlan, K, n_groups, group_size, n_out, clip, norm, q, scales, outl,
+                   os_, ydt, rows_per_program, num_warps, maxnreg, x16, prefetch=None):
+    if (plan.K, plan.group_size, plan.n_outliers) != (K, group_size, n_out):
+        raise ValueError(f"BlockPlan for K={plan.K}, group {plan.group_size}, {plan.n_outliers} outliers used with "
+                         f"K={K}, group {group_size}, {n_out} outliers")
+    M = x2.shape[0]
+    # H100, 16k x 4096 (bench_quantize): one row per program, no prefetch, 2 warps (2048 channels a warp; few
+    # registers, many programs per SM) beat 2-16 rows with or without prefetch and 4-8 warps; at 64 rows (decode)
+    # 8 warps
+    rows_per_program = rows_per_program or 1
+    if num_warps is None:
+        num_warps = max(2, min(8, triton.next_power_of_2(K) // 2048)) if M > num_sms(x2.device) else 8
+    _row_blocks_quant_kernel[(triton.cdiv(M, rows_per_program),)](
+        x2, weight if norm else x2, plan.base, plan.src, plan.outliers, q, scales, outl, os_,
+        M, K, x2.stride(0), q.stride(0), scales.stride(0), outl.stride(0), os_.stride(0),
+        float(eps), float(clip),
+        NORM=norm, X_DTYPE=_TL_DTYPES[x2.dtype], Y_DTYPE=_TL_DTYPES[ydt], GROUP=group_size, N_GROUPS=n_groups,
+        G_PAD=triton.next_power_of_2(n_groups), N_OUT=n_out, ROWS=rows_per_program,
+        NATIVE=not _interpreting(), X16=_x16_mode(x16), PREFETCH=bool(prefetch), CLAMP_LOW=clip < 0.85,
+        num_warps=num_warps, **_EXACT, **_maxnreg(maxnreg),
+    )
+
 
 def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_format, clip, norm,
-                rows_per_program=None, num_warps=None, maxnreg=None, x16=False, pairs=None):
+                rows_per_program=None, num_warps=None, maxnreg=None, x16=False, pairs=None, prefetch=None):
     lead = x.shape[:-1]
     x2 = _rows2d(x)
     M = x2.shape[0]
     q, scales, outl, os_ = _outputs(x2, lead, K, n_groups, group_size, n_out, outlier_format, x16)
     if M == 0:
         return _shape(lead, _as_e4m3(q, x16), scales, outl, os_)
-    if perm is not None:
+    plan = perm if isinstance(perm, BlockPlan) else None
+    if perm is not None and plan is None:
         if perm.shape != (K,) or perm.dtype not in (torch.int32, torch.int64):
             raise NotImplementedError(f"triton quantizer: perm {tuple(perm.shape)} {perm.dtype}")
         perm = perm.contiguous()
@@ -435,6 +693,10 @@ def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_fo
             raise NotImplementedError(f"triton quantizer: weight {tuple(weight.shape)} {weight.dtype}")
         weight = weight.contiguous()
         ydt = torch.promote_types(x.dtype, weight.dtype)
+    if plan is not None:
+        _blocks_launch(x2, weight, eps, plan, K, n_groups, group_size, n_out, clip, norm, q, scales, outl, os_, ydt,
+                       rows_per_program, num_warps, maxnreg, x16, prefetch)
+        return _shape(lead, _as_e4m3(q, x16), scales, outl, os_)
     K_PAD = triton.next_power_of_2(K)
     G_PAD = triton.next_power_of_2(n_groups)
     if rows_per_program is None:
@@ -468,7 +730,7 @@ def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_fo
 def rms_norm_quant(x: Tensor, weight: Tensor, eps: float, perm: Tensor | None, fmt: str, group_size: int,
                    n_outliers: int, outlier_format: str, clip: float, *, rows_per_program: int | None = None,
                    num_warps: int | None = None, maxnreg: int | None = None, x16: bool = False,
-                   pairs: bool | None = None):
+                   pairs: bool | None = None, prefetch: bool | None = None):
     """RMSNorm (fp32 statistics, cast to x.dtype, times weight) + gather by perm + INT4/INT8 quantization.
 
     Same contract as ``ops.rms_norm_quant_reference``; returns (q, scales, outliers, outlier_scales).
@@ -480,17 +742,18 @@ def rms_norm_quant(x: Tensor, weight: Tensor, eps: float, perm: Tensor | None, f
     """
     K, n_groups = _check(x, fmt, group_size, n_outliers, outlier_format)
     return _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_outliers, outlier_format, clip, True,
-                       rows_per_program, num_warps, maxnreg, x16, pairs)
+                       rows_per_program, num_warps, maxnreg, x16, pairs, prefetch)
 
 
 def gather_quant(x: Tensor, perm: Tensor, fmt: str, group_size: int, n_outliers: int, outlier_format: str,
                  clip: float, *, rows_per_program: int | None = None, num_warps: int | None = None,
-                 maxnreg: int | None = None, x16: bool = False, pairs: bool | None = None):
+                 maxnreg: int | None = None, x16: bool = False, pairs: bool | None = None,
+                 prefetch: bool | None = None):
     """x[..., perm] quantized per token (the o_proj input). Same contract as ``ops.gather_quant_reference``;
     bit-exact. ``x16``, ``pairs``: as in ``rms_norm_quant``."""
     K, n_groups = _check(x, fmt, group_size, n_outliers, outlier_format)
     return _row_launch(x, None, 0.0, perm, K, n_groups, group_size, n_outliers, outlier_format, clip, False,
-                       rows_per_program, num_warps, maxnreg, x16=x16, pairs=pairs)
+                       rows_per_program, num_warps, maxnreg, x16=x16, pairs=pairs, prefetch=prefetch)
 
 
 def silu_mul_quant(gate: Tensor, up: Tensor, fmt: str, group_size: int, n_outliers: int, outlier_format: str,
@@ -520,4 +783,4 @@ def silu_mul_quant(gate: Tensor, up: Tensor, fmt: str, group_size: int, n_outlie
     return _shape(lead, _as_e4m3(q, x16), scales, outl, os_)
 
 
-__all__ = ["rms_norm_quant", "silu_mul_quant", "gather_quant"]
+__all__ = ["rms_norm_quant", "silu_mul_quant", "gather_quant", "BlockPlan", "plan_blocks"]

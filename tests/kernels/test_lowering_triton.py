@@ -28,10 +28,12 @@ def tiny(device):
 TOL = 1e-2 if torch.cuda.is_available() else 1e-5
 
 
-@pytest.mark.parametrize("kv_rotation", [False, True])
-def test_triton_backend_matches_reference(tiny, device, kv_rotation):
+@pytest.mark.parametrize("kv_rotation,channel_order", [(False, "score"), (True, "score"), (False, "blocks")])
+def test_triton_backend_matches_reference(tiny, device, kv_rotation, channel_order, monkeypatch):
+    # the tiny model has 64 outliers in 256 channels: up to half of a group swapped (Llama-7B: ~3%)
+    monkeypatch.setattr(rk.quantize, "BLOCK_MAX_SWAPPED_FRACTION", 0.5)
     calib = torch.randint(0, 64, (2, 16), device=device)
-    cfg = AtomConfig(group_size=64, n_outliers=64, kv_rotation=kv_rotation)
+    cfg = AtomConfig(group_size=64, n_outliers=64, kv_rotation=kv_rotation, channel_order=channel_order)
     ref = atom_compile.compile(tiny, calib, cfg, progress=False, backend="reference")
     # The same compiled model lowered to the kernels. (Two compiles could differ: calibration activations that
     # differ in the last bits between backends can swap two outlier channels of nearly equal score.)
@@ -48,6 +50,9 @@ def test_triton_backend_matches_reference(tiny, device, kv_rotation):
     assert "16 * code" in configs["input_layernorm_quant"] and "16 * code" in configs["qkv_proj"]
     # 4 quantizers (2 norms, o_proj, down) + 4 GEMMs (qkv_proj, o_proj, gate_up_proj, down_proj)
     assert sum("16 * code" in c for c in configs.values()) == 4 + 4
+    # with channel_order="blocks" the three quantizers that take an order (both norms, o_proj's input) get its plan
+    blocks = [name for name, c in configs.items() if "channel order in blocks" in c]
+    assert len(blocks) == (3 if channel_order == "blocks" else 0), blocks
     ids = torch.randint(0, 64, (2, 12), device=device)
     a, b = ref(ids), tri(ids)
     assert ((a - b).norm() / a.norm()).item() < TOL

@@ -223,3 +223,86 @@ def test_unsupported_configurations_raise(device):
                  ("int4", 128, 64, "fp16"), ("int4", 128, 48, "int8"), ("int4", 128, 0, "int8")):
         with pytest.raises(NotImplementedError):
             gather_quant(x, perm, *args, 0.9)
+
+
+# ---------------------------------------------------------------- block channel order (BlockPlan kernel)
+def _block_order(K, g, n_out, seed, device):
+    """A channel order as channel_order="blocks" makes it, from random outlier scores."""
+    from atom_compile.passes.outlier_analysis import block_channel_order
+
+    score_order = torch.randperm(K, generator=torch.Generator().manual_seed(seed))
+    return block_channel_order(score_order, n_out, g).to(device)
+
+
+BLOCK_SHAPES = [(576, 64, 128), (576, 128, 64), (1536, 128, 128), (4096, 128, 128), (1024, 64, 0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K,g,n_out", BLOCK_SHAPES)
+def test_block_plan_kernels(device, dtype, K, g, n_out):
+    """The block kernel (contiguous group loads, swapped channels patched) against the reference: gather_quant
+    bit-exact, rms_norm_quant within the stated bound; random outliers leave swapped channels in most groups."""
+    from atom_compile.runtime_kernels.quantize import plan_blocks
+
+    perm = _block_order(K, g, n_out, seed=K + g + n_out, device=device)
+    plan = plan_blocks(perm, n_out, g, max_swapped=g)
+    assert plan is not None and (n_out == 0 or plan.n_swapped > 0)
+    M = 19 if K <= 1536 else 5
+    x = _rows(M, K, dtype, device, seed=K * 7 + g)
+    gen = torch.Generator().manual_seed(K + 1)
+    w = (torch.rand(K, generator=gen) + 0.5).to(dtype).to(device)
+    for rows in (1, 4):  # one row per program, and 4 (the last program's rows past M masked)
+        out = gather_quant(x, plan, "int4", g, n_out, "int8", 0.9, rows_per_program=rows)
+        _assert_exact(out, _ref(ops.gather_quant_reference, x, perm, "int4", g, n_out, "int8", 0.9))
+        args = (1e-5, perm, "int4", g, n_out, "int8", 0.9)
+        out = rms_norm_quant(x, w, 1e-5, plan, *args[2:], rows_per_program=rows)
+        _assert_bounded(out, _ref(ops.rms_norm_quant_reference, x, w, *args), dtype, g)
+
+
+@pytest.mark.parametrize("x16", [True, "e4m3"])
+def test_block_plan_x16_outputs(device, x16):
+    """The GEMM-operand outputs (int8 16 * code, e4m3 codes) of the block kernel equal the gather kernel's."""
+    from atom_compile.runtime_kernels.quantize import plan_blocks
+
+    K, g, n_out = 1536, 128, 128
+    perm = _block_order(K, g, n_out, seed=3, device=device)
+    plan = plan_blocks(perm, n_out, g, max_swapped=g)
+    x = _rows(9, K, torch.bfloat16, device, seed=77)
+    w = (torch.rand(K, generator=torch.Generator().manual_seed(5)) + 0.5).bfloat16().to(device)
+    for fn, args in ((gather_quant, (x,)), (rms_norm_quant, (x, w, 1e-6))):
+        want = fn(*args, perm, "int4", g, n_out, "int8", 0.9, x16=x16)
+        got = fn(*args, plan, "int4", g, n_out, "int8", 0.9, x16=x16)
+        for a, b in zip(got, want):
+            a = a.view(torch.int8) if a.dtype == torch.float8_e4m3fn else a
+            b = b.view(torch.int8) if b.dtype == torch.float8_e4m3fn else b
+            assert torch.equal(a.cpu(), b.cpu())
+
+
+def test_block_plan_edges(device):
+    """plan_blocks: an order with no swaps, a block moved whole, a group half swapped (refused by default, exact
+    when allowed), an order that is not made of blocks (refused), and a plan used with another shape (an error)."""
+    from atom_compile.runtime_kernels.quantize import plan_blocks
+
+    K, g, n_out = 576, 64, 64
+    x = _rows(6, K, torch.float32, device, seed=8)
+    ident = torch.arange(K, device=device)
+    plan = plan_blocks(ident, n_out, g)
+    assert plan is not None and plan.n_swapped == 0
+    _assert_exact(gather_quant(x, plan, "int4", g, n_out, "int8", 0.9),
+                  _ref(ops.gather_quant_reference, x, ident, "int4", g, n_out, "int8", 0.9))
+    whole = ident.clone()
+    whole[64:128], whole[512:576] = ident[512:576], ident[64:128]  # group 1 is the last block entirely
+    plan = plan_blocks(whole, n_out, g)
+    assert plan is not None and plan.n_swapped == 0
+    _assert_exact(gather_quant(x, plan, "int4", g, n_out, "int8", 0.9),
+                  _ref(ops.gather_quant_reference, x, whole, "int4", g, n_out, "int8", 0.9))
+    mixed = ident.clone()
+    mixed[64:96], mixed[512:544] = ident[512:544], ident[64:96]  # half of group 1 from the outlier block
+    assert plan_blocks(mixed, n_out, g) is None  # 32 swapped positions > the default 16
+    plan = plan_blocks(mixed, n_out, g, max_swapped=32)
+    assert plan.n_swapped == 32
+    _assert_exact(gather_quant(x, plan, "int4", g, n_out, "int8", 0.9),
+                  _ref(ops.gather_quant_reference, x, mixed, "int4", g, n_out, "int8", 0.9))
+    assert plan_blocks(torch.randperm(K, generator=torch.Generator().manual_seed(1)), n_out, g) is None
+    with pytest.raises(ValueError, match="BlockPlan"):
+        gather_quant(x, plan, "int4", 128, 64, "int8", 0.9)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from atom_compile.passes import OutlierAnalysis
@@ -88,3 +89,30 @@ def test_needs_calibration_data(layer_graph, make_ctx):
 
     with pytest.raises(ValueError, match="calibration data"):
         OutlierAnalysis(make_ctx("atom-w4a4-rtn", calibration=False)).call(layer_graph)
+
+
+def test_block_channel_order():
+    """The docstring's example, then random outliers at Llama's and SmolLM2's sizes: a permutation with the same
+    outliers last in score order, whose normal groups are the blocks with the fewest outliers (in channel order),
+    each keeping its own channels except where an outlier was: there the channels outside every chosen block that
+    are not outliers, in ascending order."""
+    from atom_compile.passes.outlier_analysis import block_channel_order
+
+    assert block_channel_order(torch.tensor([0, 3, 4, 5, 7, 2, 1, 6]), 2, 2).tolist() == [0, 7, 2, 3, 4, 5, 1, 6]
+    for K, g, n in ((4096, 128, 128), (576, 64, 128), (1536, 128, 128), (640, 128, 128), (576, 64, 0)):
+        score_order = torch.randperm(K, generator=torch.Generator().manual_seed(K + n))
+        perm = block_channel_order(score_order, n, g).tolist()
+        assert sorted(perm) == list(range(K))
+        assert perm[K - n:] == score_order[K - n:].tolist()
+        outliers = set(perm[K - n:])
+        counts = [sum(c in outliers for c in range(b * g, (b + 1) * g)) for b in range(K // g)]
+        chosen = sorted(sorted(range(K // g), key=lambda b: (counts[b], b))[: (K - n) // g])
+        in_chosen = {c for b in chosen for c in range(b * g, (b + 1) * g)}
+        fills = [c for c in range(K) if c not in in_chosen and c not in outliers]
+        expected = []
+        for b in chosen:
+            for c in range(b * g, (b + 1) * g):
+                expected.append(fills.pop(0) if c in outliers else c)
+        assert perm[: K - n] == expected
+    with pytest.raises(ValueError, match="groups of 128"):
+        block_channel_order(torch.arange(640), 64, 128)
