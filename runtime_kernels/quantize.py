@@ -657,12 +657,12 @@ def _blocks_launch(x2, weight, eps, plan: BlockPlan, K, n_groups, group_size, n_
         raise ValueError(f"BlockPlan for K={plan.K}, group {plan.group_size}, {plan.n_outliers} outliers used with "
                          f"K={K}, group {group_size}, {n_out} outliers")
     M = x2.shape[0]
-    # H100, 16k x 4096 (bench_quantize): one row per program, no prefetch, 2 warps (2048 channels a warp; few
-    # registers, many programs per SM) beat 2-16 rows with or without prefetch and 4-8 warps; at 64 rows (decode)
-    # 8 warps
+    # H100, 16k x 4096 (bench_quantize, bench/results/quantize_h100_blocks.json): one row per program and no
+    # prefetch (64 registers at 4 warps: 8 programs per SM) beat 2-16 rows with or without prefetch; 2 and 4 warps
+    # within 3% of each other, 8 slower; at 64 rows (decode) 8 warps
     rows_per_program = rows_per_program or 1
     if num_warps is None:
-        num_warps = max(2, min(8, triton.next_power_of_2(K) // 2048)) if M > num_sms(x2.device) else 8
+        num_warps = max(4, min(8, triton.next_power_of_2(K) // 1024)) if M > num_sms(x2.device) else 8
     _row_blocks_quant_kernel[(triton.cdiv(M, rows_per_program),)](
         x2, weight if norm else x2, plan.base, plan.src, plan.outliers, q, scales, outl, os_,
         M, K, x2.stride(0), q.stride(0), scales.stride(0), outl.stride(0), os_.stride(0),
