@@ -37,10 +37,13 @@ the reference run on a GPU is itself one ulp off its definition now and then):
 - ``silu_mul_quant``: SiLU is x / (1 + exp(-x)) with the device's fast exp and division (numpy's under
   the interpreter) against torch's: the same bound as ``rms_norm_quant``.
 
-Performance (H100, bf16, 16k x 4096, bench/bench_quantize.py): silu_mul_quant at 94% of the copy bandwidth;
-rms_norm_quant 51% and gather_quant 66%: the channel gather (``tl.gather``) goes through shared memory with
-barriers around it (two rows per round trip, see _row_gather_quant_kernel), and at ~32 instructions per element
-and 2 programs per SM the kernel is issue- and latency-bound. See docs/performance.md.
+Performance (H100, bf16, 16k x 4096, bench/bench_quantize.py): silu_mul_quant at 94% of the copy bandwidth.
+With an arbitrary channel order (Atom's score order) rms_norm_quant 51% and gather_quant 66%: the channel gather
+(``tl.gather``) goes through shared memory with barriers around it (two rows per round trip, see
+_row_gather_quant_kernel), and at ~32 instructions per element and 2 programs per SM the kernel is issue- and
+latency-bound. With an order whose groups are blocks of consecutive channels (``channel_order="blocks"``; pass a
+``BlockPlan`` from ``plan_blocks`` as ``perm``) _row_blocks_quant_kernel loads contiguous runs: 67.5% / 82.8%.
+See docs/performance.md.
 """
 
 from __future__ import annotations
