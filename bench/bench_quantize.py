@@ -103,6 +103,8 @@ def main(argv=None):
     ap.add_argument("--intermediate", type=int, default=11008)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--outliers", type=int, default=128)
+    ap.add_argument("--swap-fractions", default="",
+                    help="also time the block kernel on orders with this fraction of positions swapped (e.g. 0.1,0.25)")
     args = ap.parse_args(argv)
     assert torch.cuda.is_available(), "bench_quantize needs a CUDA device"
     dev = "cuda"
@@ -162,6 +164,27 @@ def main(argv=None):
                   [(n, (lambda r=r, nw=nw, pf=pf: gather_quant(x, plan, *qargs, rows_per_program=r, num_warps=nw,
                                                                prefetch=pf)))
                    for n, r, nw, pf in configs])
+
+    # --- the block kernel's cost against the fraction of swapped positions (synthetic orders: blocks in place, a
+    # fraction of the normal positions exchanging channels at random; plan_blocks with no threshold)
+    for frac in [float(f) for f in args.swap_fractions.split(",") if f]:
+        gen = torch.Generator().manual_seed(1)
+        sperm = torch.arange(K)
+        Kn = K - n_out
+        pos = torch.randperm(Kn, generator=gen)[: int(frac * Kn)]
+        sperm[pos] = sperm[pos[torch.randperm(pos.numel(), generator=gen)]]
+        sperm = sperm.to(dev)
+        splan = plan_blocks(sperm, n_out, g, max_swapped=g)
+        slabel = f"block kernel, {splan.n_swapped / Kn:.0%} of positions swapped"
+        rows += _time(lambda: rms_norm_quant(x, w, EPS, splan, *qargs),
+                      lambda: ops.rms_norm_quant_reference(x, w, EPS, sperm, *qargs),
+                      lambda: ops.rms_norm_quant_reference(*_cpu_rows(x, w), EPS, sperm.cpu(), *qargs),
+                      _bytes(M, K, n_out, g, 1, K * 2 + table), copy_gbs,
+                      f"rms_norm_quant ({slabel})", f"{M}x{K}", lambda o, r: _check(o, r, g, False))
+        rows += _time(lambda: gather_quant(x, splan, *qargs), lambda: ops.gather_quant_reference(x, sperm, *qargs),
+                      lambda: ops.gather_quant_reference(*_cpu_rows(x, sperm), *qargs),
+                      _bytes(M, K, n_out, g, 1, table), copy_gbs,
+                      f"gather_quant ({slabel})", f"{M}x{K}", lambda o, r: _check(o, r, g, True))
     del x
 
     # --- SiLU(gate) * up + quantize (down_proj input), at the hidden and the intermediate size

@@ -588,9 +588,11 @@ def _rows2d(x: Tensor) -> Tensor:
 def _maxnreg(n):
     return {} if n is None or _interpreting() else {"maxnreg": n}
 
-# plan_blocks refuses an order with more swapped positions than this fraction of a group in some group (the
-# block kernel was measured with 3% swapped: 119 of 3968, random outliers at Llama-7B's size)
-BLOCK_MAX_SWAPPED_FRACTION = 0.25
+# plan_blocks refuses an order with more swapped positions than this fraction of a group in some group. H100, 16k x
+# 4096 (bench_quantize --swap-fractions): with 3 / 10 / 25 / 50 / 75 / 99% of the positions swapped the block kernel
+# takes 85 / 86 / 86 / 90 / 101 / 121 us for rms_norm_quant (gather kernel: 113) and 69 / 67 / 69 / 75 / 82 / 101 us
+# for gather_quant (gather kernel: 87)
+BLOCK_MAX_SWAPPED_FRACTION = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -623,7 +625,8 @@ def plan_blocks(perm: Tensor, n_outliers: int, group_size: int, max_swapped: int
     """The BlockPlan of a channel order, or None when its groups are not blocks with at most ``max_swapped``
     (default: ``BLOCK_MAX_SWAPPED_FRACTION`` of the group) positions swapped in each: then the gather kernel is used.
 
-    Each group's block is the offset that most of its positions agree on (perm[g*i + j] - j, a multiple of g).
+    Each group's block is the offset that most of its positions agree on (perm[g*i + j] - j, a multiple of g; a group
+    that agrees with none keeps the block at its own position, every position swapped).
     Reads the order on the host: call it once per order (the lowering does, at bind time), not per call."""
     p = perm.detach().to("cpu", torch.int64).flatten()
     K = p.numel()
@@ -635,11 +638,9 @@ def plan_blocks(perm: Tensor, n_outliers: int, group_size: int, max_swapped: int
     off = blocks - torch.arange(group_size)
     valid = (off % group_size == 0) & (off >= 0) & (off <= K - group_size)
     base = torch.empty(G, dtype=torch.int64)
-    for i in range(G):
+    for i in range(G):  # (a group that matches no block at all keeps the block at its own position: all swapped)
         vals = off[i][valid[i]]
-        if vals.numel() == 0:
-            return None
-        base[i] = torch.mode(vals).values
+        base[i] = torch.mode(vals).values if vals.numel() else i * group_size
     delta = blocks - (base[:, None] + torch.arange(group_size))
     if max_swapped is None:
         max_swapped = int(group_size * BLOCK_MAX_SWAPPED_FRACTION)

@@ -279,7 +279,7 @@ def test_block_plan_x16_outputs(device, x16):
 
 
 def test_block_plan_edges(device):
-    """plan_blocks: an order with no swaps, a block moved whole, a group half swapped (refused by default, exact
+    """plan_blocks: an order with no swaps, a block moved whole, a group mostly swapped (refused by default, exact
     when allowed), an order that is not made of blocks (refused), and a plan used with another shape (an error)."""
     from atom_compile.runtime_kernels.quantize import plan_blocks
 
@@ -296,13 +296,18 @@ def test_block_plan_edges(device):
     assert plan is not None and plan.n_swapped == 0
     _assert_exact(gather_quant(x, plan, "int4", g, n_out, "int8", 0.9),
                   _ref(ops.gather_quant_reference, x, whole, "int4", g, n_out, "int8", 0.9))
-    mixed = ident.clone()
-    mixed[64:96], mixed[512:544] = ident[512:544], ident[64:96]  # half of group 1 from the outlier block
-    assert plan_blocks(mixed, n_out, g) is None  # 32 swapped positions > the default 16
-    plan = plan_blocks(mixed, n_out, g, max_swapped=32)
-    assert plan.n_swapped == 32
+    mixed = ident.clone()  # 40 of group 1's 64 positions from the outlier block (two runs, so its own block wins)
+    mixed[64:84], mixed[512:532] = ident[512:532], ident[64:84]
+    mixed[84:104], mixed[544:564] = ident[544:564], ident[84:104]
+    assert plan_blocks(mixed, n_out, g) is None  # 40 swapped positions > the default 32
+    plan = plan_blocks(mixed, n_out, g, max_swapped=40)
+    assert plan.n_swapped == 40
     _assert_exact(gather_quant(x, plan, "int4", g, n_out, "int8", 0.9),
                   _ref(ops.gather_quant_reference, x, mixed, "int4", g, n_out, "int8", 0.9))
-    assert plan_blocks(torch.randperm(K, generator=torch.Generator().manual_seed(1)), n_out, g) is None
+    shuffled = torch.randperm(K, generator=torch.Generator().manual_seed(1))
+    assert plan_blocks(shuffled, n_out, g) is None
+    plan = plan_blocks(shuffled, n_out, g, max_swapped=g)  # allowed: every position patched, still exact
+    _assert_exact(gather_quant(x, plan, "int4", g, n_out, "int8", 0.9),
+                  _ref(ops.gather_quant_reference, x, shuffled, "int4", g, n_out, "int8", 0.9))
     with pytest.raises(ValueError, match="BlockPlan"):
         gather_quant(x, plan, "int4", 128, 64, "int8", 0.9)
