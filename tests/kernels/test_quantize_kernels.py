@@ -304,7 +304,7 @@ def test_block_plan_edges(device):
     assert plan.n_swapped == 40
     _assert_exact(gather_quant(x, plan, "int4", g, n_out, "int8", 0.9),
                   _ref(ops.gather_quant_reference, x, mixed, "int4", g, n_out, "int8", 0.9))
-    shuffled = torch.randperm(K, generator=torch.Generator().manual_seed(1))
+    shuffled = torch.randperm(K, generator=torch.Generator().manual_seed(1)).to(device)
     assert plan_blocks(shuffled, n_out, g) is None
     plan = plan_blocks(shuffled, n_out, g, max_swapped=g)  # allowed: every position patched, still exact
     _assert_exact(gather_quant(x, plan, "int4", g, n_out, "int8", 0.9),
