@@ -652,7 +652,8 @@ def plan_blocks(perm: Tensor, n_outliers: int, group_size: int, max_swapped: int
     base_pad = torch.zeros(triton.next_power_of_2(G), dtype=torch.int32)
     base_pad[:G] = base.to(torch.int32)
     return BlockPlan(K=K, group_size=group_size, n_outliers=n_outliers, base=base_pad.to(dev),
-                     src=torch.where(delta != 0, blocks + 1, 0).flatten().to(torch.int16).to(dev), outliers=p[Kn:].to(torch.int32).to(dev))
+                     src=torch.where(delta != 0, blocks + 1, 0).flatten().to(torch.int16).to(dev),
+                     outliers=p[Kn:].to(torch.int32).to(dev))
 
 
 def _blocks_launch(x2, weight, eps, plan: BlockPlan, K, n_groups, group_size, n_out, clip, norm, q, scales, outl,
@@ -731,7 +732,7 @@ def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_fo
     return _shape(lead, _as_e4m3(q, x16), scales, outl, os_)
 
 
-def rms_norm_quant(x: Tensor, weight: Tensor, eps: float, perm: Tensor | None, fmt: str, group_size: int,
+def rms_norm_quant(x: Tensor, weight: Tensor, eps: float, perm: Tensor | BlockPlan | None, fmt: str, group_size: int,
                    n_outliers: int, outlier_format: str, clip: float, *, rows_per_program: int | None = None,
                    num_warps: int | None = None, maxnreg: int | None = None, x16: bool = False,
                    pairs: bool | None = None, prefetch: bool | None = None):
@@ -741,20 +742,23 @@ def rms_norm_quant(x: Tensor, weight: Tensor, eps: float, perm: Tensor | None, f
     One program holds a whole row in registers: one read of x, one write of each output.
     ``x16``: q is int8 [..., Kn] holding 16 * code in channel order (the W4A4 GEMM's ``x_unpacked`` input)
     instead of the packed nibbles; ``x16="e4m3"``: q is the codes as e4m3, an [M, Kn] view of a fresh cuBLAS
-    operand buffer (``fp8_blockscaled.operand_buffer``) that the large-M GEMM completes in place. ``pairs`` (default: 16-bit inputs): gather two rows per shared-memory round
-    trip; False for the one-row path (A/B timing).
+    operand buffer (``fp8_blockscaled.operand_buffer``) that the large-M GEMM completes in place. ``pairs`` (default:
+    16-bit inputs): gather two rows per shared-memory round trip; False for the one-row path (A/B timing).
+    ``perm`` may be the ``BlockPlan`` of an order (``plan_blocks``): then the block kernel runs (contiguous group
+    loads, swapped channels patched); ``prefetch`` (block kernel, rows_per_program > 1): load the next row's runs
+    before processing the current one (A/B timing; off by default, slower on the H100).
     """
     K, n_groups = _check(x, fmt, group_size, n_outliers, outlier_format)
     return _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_outliers, outlier_format, clip, True,
                        rows_per_program, num_warps, maxnreg, x16, pairs, prefetch)
 
 
-def gather_quant(x: Tensor, perm: Tensor, fmt: str, group_size: int, n_outliers: int, outlier_format: str,
+def gather_quant(x: Tensor, perm: Tensor | BlockPlan, fmt: str, group_size: int, n_outliers: int, outlier_format: str,
                  clip: float, *, rows_per_program: int | None = None, num_warps: int | None = None,
                  maxnreg: int | None = None, x16: bool = False, pairs: bool | None = None,
                  prefetch: bool | None = None):
     """x[..., perm] quantized per token (the o_proj input). Same contract as ``ops.gather_quant_reference``;
-    bit-exact. ``x16``, ``pairs``: as in ``rms_norm_quant``."""
+    bit-exact. ``x16``, ``pairs``, a ``BlockPlan`` as ``perm``, ``prefetch``: as in ``rms_norm_quant``."""
     K, n_groups = _check(x, fmt, group_size, n_outliers, outlier_format)
     return _row_launch(x, None, 0.0, perm, K, n_groups, group_size, n_outliers, outlier_format, clip, False,
                        rows_per_program, num_warps, maxnreg, x16=x16, pairs=pairs, prefetch=prefetch)
