@@ -29,16 +29,18 @@ _PTRS = dict(kc_ptr="*u8", kp_ptr="*i32", vc_ptr="*u8", vp_ptr="*i32", lens_ptr=
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_sm90(fn, const: dict, num_warps: int, num_stages: int, maxnreg: int | None = None, dtype: str = "bf16"):
-    """``fn`` compiled for sm_90 with ``const`` as its constexprs; pointers 16-byte aligned, like the launches."""
-    ptrs = dict(_PTRS, q_ptr=f"*{dtype}", o_ptr=f"*{dtype}")
+def compile_sm90(fn, const: dict, num_warps: int, num_stages: int, maxnreg: int | None = None, dtype: str = "bf16",
+                 ptrs: dict | None = None, floats: tuple = ("qk_scale",), options: dict | None = None):
+    """``fn`` compiled for sm_90 with ``const`` as its constexprs; pointers 16-byte aligned, like the launches.
+    ``ptrs`` / ``floats``: pointer types and fp32 scalars of kernels other than the attention ones."""
+    ptrs = ptrs or dict(_PTRS, q_ptr=f"*{dtype}", o_ptr=f"*{dtype}")
     sig, attrs = {}, {}
     for i, a in enumerate(fn.arg_names):
-        sig[a] = ptrs.get(a) or ("constexpr" if a in const else "fp32" if a == "qk_scale" else "i32")
+        sig[a] = ptrs.get(a) or ("constexpr" if a in const else "fp32" if a in floats else "i32")
         if a in ptrs or (a.startswith("stride_") and a not in ("stride_kps", "stride_vps")):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()}, attrs=attrs)
-    opts = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    opts = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}), **(options or {}))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
@@ -65,7 +67,7 @@ def loop_stats(kernel) -> dict:
         ops[(toks[1] if toks[0].startswith("@") else toks[0]).split(".")[0].rstrip(";")] += 1
     waits = re.findall(r"warp_group_dot_wait[^\n]*?pendings = (\d+)", kernel.asm["ttgir"])
     return dict(registers=regs, shared_bytes=kernel.metadata.shared, loop_instructions=len(body),
-                top=ops.most_common(10), wgmma_waits_pendings=waits)
+                kernel_instructions=len(lines), top=ops.most_common(10), wgmma_waits_pendings=waits)
 
 
 CASES = {
@@ -87,6 +89,18 @@ CASES = {
 }
 
 
+# The norm / gather quantizers for the block channel order, as _blocks_launch runs them at 16k x 4096 (bf16, groups
+# of 128, 128 INT8 outliers, one row per program, 4 warps, clip 0.9): no loop, so the whole kernel is counted.
+_Q_PTRS = dict(x_ptr="*bf16", w_ptr="*bf16", base_ptr="*i32", src_ptr="*i16", outl_ptr="*i32", q_ptr="*i8",
+               s_ptr="*fp32", o_ptr="*i8", os_ptr="*fp32")
+_Q_CONST = dict(X_DTYPE=tl.bfloat16, Y_DTYPE=tl.bfloat16, GROUP=128, N_GROUPS=31, G_PAD=32, N_OUT=128, ROWS=1,
+                NATIVE=True, X16=0, PREFETCH=False, CLAMP_LOW=False)
+QUANTIZER_CASES = {
+    "block kernel, rms_norm_quant (one row, whole kernel)": dict(_Q_CONST, NORM=True),
+    "block kernel, gather_quant (one row, whole kernel)": dict(_Q_CONST, NORM=False),
+}
+
+
 def main() -> None:
     print(f"# sm_90 (Hopper), Triton {triton.__version__}; SASS of the longest loop")
     for name, (fn, const, nw, ns, maxnreg) in CASES.items():
@@ -94,6 +108,13 @@ def main() -> None:
         print(f"{name}: {st['registers']} registers, {st['shared_bytes']} B shared, "
               f"{st['loop_instructions']} loop instructions; wgmma waits (pendings): {st['wgmma_waits_pendings']}")
         print("    " + ", ".join(f"{op} {n}" for op, n in st["top"]))
+    from atom_compile.runtime_kernels import quantize as rq
+
+    for name, const in QUANTIZER_CASES.items():
+        st = loop_stats(compile_sm90(rq._row_blocks_quant_kernel, const, 4, 1, ptrs=_Q_PTRS, floats=("eps", "clip"),
+                                     options=rq._EXACT))
+        print(f"{name}: {st['registers']} registers, {st['shared_bytes']} B shared, "
+              f"{st['kernel_instructions']} instructions (static, slow paths included)")
 
 
 if __name__ == "__main__":

@@ -102,21 +102,17 @@ def _div_rn(y, s, r, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _magic_codes(v, QMIN: tl.constexpr, QMAX: tl.constexpr):
+def _magic_codes(v, QMIN: tl.constexpr, QMAX: tl.constexpr, CLAMP_LOW: tl.constexpr = True):
     """round-half-even(v) clamped to [QMIN, QMAX], as int32 two's complement in the low bits.
 
     v + 1.5 * 2^23 rounds v to an integer (ties to even) in the low mantissa bits; clamping in that
-    domain and reading the bits skips the float -> int conversion (quarter rate).
+    domain and reading the bits skips the float -> int conversion (quarter rate). CLAMP_LOW=False skips the
+    lower clamp, for callers that know v >= QMIN - 0.5.
     """
     w = v + 12582912.0
-    w = tl.minimum(tl.maximum(w, 12582912.0 + QMIN), 12582912.0 + QMAX)
-    return w.to(tl.int32, bitcast=True) - 0x4B400000
-
-
-@triton.jit
-def _magic_codes_hi(v, QMAX: tl.constexpr):
-    """_magic_codes without the lower clamp, for v >= QMIN - 0.5 (see _int4_group_codes)."""
-    w = tl.minimum(v + 12582912.0, 12582912.0 + QMAX)
+    if CLAMP_LOW:
+        w = tl.maximum(w, 12582912.0 + QMIN)
+    w = tl.minimum(w, 12582912.0 + QMAX)
     return w.to(tl.int32, bitcast=True) - 0x4B400000
 
 
@@ -132,12 +128,9 @@ def _int4_group_codes(y_lo, y_hi, clip, scale_ptrs, q_ptrs, mask2d, gmask, NATIV
     s = tl.where(scale > 0, scale, 1.0)
     r = tl.math.div_rn(1.0, s)[:, None]
     s = s[:, None]
-    if CLAMP_LOW:
-        c_lo = _magic_codes(_div_rn(y_lo, s, r, NATIVE), -8, 7)
-        c_hi = _magic_codes(_div_rn(y_hi, s, r, NATIVE), -8, 7)
-    else:  # clip >= 0.85: |y / s| <= 7 / clip < 8.5, so the codes are >= -8 already
-        c_lo = _magic_codes_hi(_div_rn(y_lo, s, r, NATIVE), 7)
-        c_hi = _magic_codes_hi(_div_rn(y_hi, s, r, NATIVE), 7)
+    # CLAMP_LOW=False (clip >= 0.85): |y / s| <= 7 / clip < 8.5, so the codes are >= -8 already
+    c_lo = _magic_codes(_div_rn(y_lo, s, r, NATIVE), -8, 7, CLAMP_LOW)
+    c_hi = _magic_codes(_div_rn(y_hi, s, r, NATIVE), -8, 7, CLAMP_LOW)
     if X16 == 2:
         tl.store(q_ptrs, _e4m3_bytes(c_lo), mask=mask2d)
         tl.store(q_ptrs + HALF, _e4m3_bytes(c_hi), mask=mask2d)
