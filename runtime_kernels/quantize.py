@@ -330,52 +330,117 @@ def _norm_values(x, w, rstd, NORM: tl.constexpr, X_DTYPE: tl.constexpr, Y_DTYPE:
         return x
 
 
-def _patch_asm() -> str:
-    """PTX for 8 16-bit values (4 packed registers $16-$19 -> $0-$3): where the int16 src ($12-$15, packed) is not
-    0, the value at row base ($4) + 2 * (src - 1) replaces it. One test and a branch skip the 8 when none is
-    swapped (the common case); ${:uid} makes the label unique per inlined copy."""
-    lines = ["{", ".reg .pred p, q;", ".reg .b32 t;", ".reg .b16 s<8>, v<8>;", ".reg .u64 a;",
-             "mov.b32 $0, $16;", "mov.b32 $1, $17;", "mov.b32 $2, $18;", "mov.b32 $3, $19;",
-             "or.b32 t, $12, $13;", "or.b32 t, t, $14;", "or.b32 t, t, $15;", "setp.eq.b32 p, t, 0;",
-             "@p bra.uni PATCH_DONE_${:uid};"]
-    for r in range(4):
-        lines += [f"mov.b32 {{s{2 * r}, s{2 * r + 1}}}, ${12 + r};", f"mov.b32 {{v{2 * r}, v{2 * r + 1}}}, ${16 + r};"]
-    for i in range(8):
-        lines += [f"setp.ne.u16 q, s{i}, 0;", f"cvt.u64.u16 a, s{i};", "shl.b64 a, a, 1;", "add.u64 a, a, $4;",
-                  f"@q ld.global.b16 v{i}, [a+-2];"]
-    for r in range(4):
-        lines.append(f"mov.b32 ${r}, {{v{2 * r}, v{2 * r + 1}}};")
+PATCH_INLINE = 2  # swaps of a chunk pair placed by its table body's byte selectors (more: a list, one by one)
+
+
+def _patch_asm(pairs: int) -> str:
+    """PTX for a thread's ``pairs`` (1 or 2) chunk pairs: 8 positions of a lo half (from the pos operand of the
+    chunk's first element) and the 8 a half group further, their 16-bit values packed 2 per register (lo then hi
+    operands -> the two outputs; the pos operand holds the pair's index, -1 for none). The swapped values are
+    replaced by the row's (base operand) channels that the BlockPlan's table gives for the chunk pairs.
+
+    A chunk pair's table head (8 bytes: count << 16 | where its body is; the first two swaps' channels, 16 bits
+    each) and body (16 bytes: a ``prmt`` byte selector per register, 16 bits, 0x3210 keeping it, that takes each
+    16-bit half from the register or from the two inline values packed in one register; then where its further
+    swaps are listed). Where every count is 0 a branch skips the rest (the common case: one 8-byte load per pair
+    from a small array). Otherwise: the body load and two predicated value loads, one pack and 8 prmt per pair (no
+    per-position test, no local memory); swaps past the second (rare: channel | slot << 16) one by one, each a load
+    and 8 predicated
+    prmt. ${:uid} makes the labels unique per inlined copy. Operands (Triton's order for pack = 8 * pairs): outputs
+    lo, hi (4 * pairs registers each), then base, table (8 * pairs 64-bit each, all equal), pair (8 * pairs), x lo,
+    x hi (4 * pairs registers each)."""
+    P = pairs
+    o_base, o_table, o_pos, o_lo, o_hi = 8 * P, 16 * P, 24 * P, 32 * P, 36 * P
+    words = [f"h{k}, c{k}, a{k}, b{k}, d{k}, e{k}" for k in range(P)]  # head, channels, selectors
+    out = {k: [f"${4 * k + r}" for r in range(4)] + [f"${4 * P + 4 * k + r}" for r in range(4)] for k in range(P)}
+    inp = {k: [f"${o_lo + 4 * k + r}" for r in range(4)] + [f"${o_hi + 4 * k + r}" for r in range(4)] for k in range(P)}
+    lines = ["{", ".reg .pred p, q, q0, q1;", f".reg .b32 {', '.join(words)}, n, w, c, s, vv, i;",
+             ".reg .b64 t, a;", ".reg .b16 v, v0, v1;"]
+    lines += [f"mov.b32 ${r}, ${o_lo + r};" for r in range(8 * P)]
+    for k in range(P):
+        lines += [f"mul.wide.s32 t, ${o_pos + 8 * k}, 8;", f"add.u64 t, t, ${o_table};",
+                  f"ld.global.nc.v2.b32 {{h{k}, c{k}}}, [t];"]
+    lines += ["mov.b32 c, h0;"] + [f"or.b32 c, c, h{k};" for k in range(1, P)]
+    lines += ["shr.u32 c, c, 16;", "setp.eq.b32 p, c, 0;", "@p bra PATCH_DONE_${:uid};"]
+    for k in range(P):
+        lines += [f"and.b32 c, h{k}, 65535;", "mul.wide.u32 t, c, 4;", f"add.u64 t, t, ${o_table};",
+                  f"ld.global.nc.v4.b32 {{a{k}, b{k}, d{k}, e{k}}}, [t];"]
+    for k in range(P):
+        lines += [f"shr.u32 n, h{k}, 16;", "setp.gt.u32 q0, n, 0;", "setp.gt.u32 q1, n, 1;", "mov.b16 v0, 0;",
+                  "mov.b16 v1, 0;",
+                  f"and.b32 c, c{k}, 65535;", "mul.wide.u32 a, c, 2;", f"add.u64 a, a, ${o_base};",
+                  "@q0 ld.global.nc.b16 v0, [a];",
+                  f"shr.u32 c, c{k}, 16;", "mul.wide.u32 a, c, 2;", f"add.u64 a, a, ${o_base};",
+                  "@q1 ld.global.nc.b16 v1, [a];", "mov.b32 vv, {v0, v1};"]
+        for r, sel in enumerate((f"a{k}", f"a{k}", f"b{k}", f"b{k}", f"d{k}", f"d{k}", f"e{k}", f"e{k}")):
+            if r % 2:
+                lines += [f"shr.u32 s, {sel}, 16;", f"prmt.b32 {out[k][r]}, {inp[k][r]}, vv, s;"]
+            else:
+                lines.append(f"prmt.b32 {out[k][r]}, {inp[k][r]}, vv, {sel};")
+        # swaps past the second: the list, one at a time (register slot >> 1: 0-3 lo chunk, 4-7 hi chunk)
+        lines += [f"setp.le.u32 p, n, {PATCH_INLINE};", f"@p bra PATCH_NEXT{k}_${{:uid}};",
+                  f"sub.u32 n, n, {PATCH_INLINE};", f"and.b32 c, h{k}, 65535;", "mul.wide.u32 t, c, 4;",
+                  f"add.u64 t, t, ${o_table};", "ld.global.nc.b32 c, [t+16];", "mul.wide.u32 t, c, 4;",
+                  f"add.u64 t, t, ${o_table};",
+                  f"PATCH_LOOP{k}_${{:uid}}:",
+                  "ld.global.nc.b32 w, [t];", "add.u64 t, t, 4;",
+                  "and.b32 c, w, 65535;", "mul.wide.u32 a, c, 2;", f"add.u64 a, a, ${o_base};",
+                  "ld.global.nc.b16 v, [a];", "cvt.u32.u16 vv, v;",
+                  "shr.u32 i, w, 17;", "bfe.u32 c, w, 16, 1;", "setp.ne.u32 q, c, 0;",
+                  "selp.b32 s, 21520, 12884, q;"]  # 0x5410: the hi half from the value; 0x3254: the lo half
+        for r in range(8):
+            lines += [f"setp.eq.u32 q, i, {r};", f"@q prmt.b32 {out[k][r]}, {out[k][r]}, vv, s;"]
+        lines += ["sub.u32 n, n, 1;", "setp.ne.u32 p, n, 0;", f"@p bra PATCH_LOOP{k}_${{:uid}};",
+                  f"PATCH_NEXT{k}_${{:uid}}:"]
     lines += ["PATCH_DONE_${:uid}:", "}"]
     return "\n".join(lines)
 
 
-_PATCH_ASM = tl.constexpr(_patch_asm())
-_PATCH_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r," + ",".join(["l"] * 8 + ["r"] * 8))
+_PATCH_ASM = {p: tl.constexpr(_patch_asm(p)) for p in (1, 2)}
+_PATCH_CONSTRAINTS = {p: tl.constexpr(",".join(["=r"] * 8 * p + ["l"] * 16 * p + ["r"] * 16 * p)) for p in (1, 2)}
+_PATCH_ASM1, _PATCH_ASM2 = _PATCH_ASM[1], _PATCH_ASM[2]
+_PATCH_CONSTRAINTS1, _PATCH_CONSTRAINTS2 = _PATCH_CONSTRAINTS[1], _PATCH_CONSTRAINTS[2]
 
 
 @triton.jit
-def _patch16(row_ptr, src, x, NATIVE: tl.constexpr):
-    """x (16-bit values of the row at row_ptr) with row_ptr[src - 1] in place of each value whose int16 src is not 0.
+def _patch_chunks(row_ptr, table_ptr, pos, src_ptr, x_lo, x_hi, valid, HALF: tl.constexpr, PAIRS: tl.constexpr):
+    """(x_lo, x_hi), the values of a tile row's groups at positions pos and pos + HALF, with the swapped ones replaced
+    by the row's channels that the order puts there (``BlockPlan``).
 
-    On a GPU an elementwise asm block per 8 values that skips them with one branch when none is swapped (a
-    tl.load with per-element addresses would also make Triton pick another register layout for the tile, one
-    that spreads a group over the warps, and convert everything to it)."""
-    if NATIVE:
-        base = tl.zeros_like(src).to(tl.int64) + row_ptr.to(tl.int64)
-        return tl.inline_asm_elementwise(_PATCH_ASM, _PATCH_CONSTRAINTS, [base, src, x], dtype=x.dtype,
-                                         is_pure=True, pack=8)
+    PAIRS (1 or 2, set by the host to what the tile's layout gives each thread: 8 or 16 consecutive positions of a
+    lo half and of a hi half, in aligned chunks of 8): on a GPU an elementwise asm block per thread's PAIRS chunk
+    pairs reads the plan's table (``_patch_asm``): a 16-byte load per pair and a branch when none holds a swap. A
+    tl.load with per-element addresses would also make Triton pick another register layout for the tile, one that
+    spreads a group over the warps, and convert everything to it. PAIRS = 0 (the interpreter, fp32 rows, tiles too
+    small for 8 positions a thread): per-position loads through ``src`` (channel + 1, 0 where the block's own
+    channel stays). ``valid`` False leaves x as it is (rows past M, padded groups)."""
+    if PAIRS > 0:
+        base = tl.zeros_like(pos).to(tl.int64) + row_ptr.to(tl.int64)
+        table = tl.zeros_like(pos).to(tl.int64) + (table_ptr + 2).to(tl.int64)  # (past head 0: no swap)
+        pair = tl.where(valid, (pos // (2 * HALF)) * (HALF // 8) + (pos % (2 * HALF)) // 8, -1)
+        if PAIRS == 2:
+            return tl.inline_asm_elementwise(_PATCH_ASM2, _PATCH_CONSTRAINTS2, [base, table, pair, x_lo, x_hi],
+                                             dtype=(x_lo.dtype, x_hi.dtype), is_pure=True, pack=16)
+        else:
+            return tl.inline_asm_elementwise(_PATCH_ASM1, _PATCH_CONSTRAINTS1, [base, table, pair, x_lo, x_hi],
+                                             dtype=(x_lo.dtype, x_hi.dtype), is_pure=True, pack=8)
     else:
-        return tl.load(row_ptr + src - 1, mask=src != 0, other=x)
+        s_lo = tl.load(src_ptr + pos, mask=valid, other=0)
+        s_hi = tl.load(src_ptr + pos + HALF, mask=valid, other=0)
+        x_lo = tl.load(row_ptr + s_lo - 1, mask=s_lo != 0, other=x_lo)
+        x_hi = tl.load(row_ptr + s_hi - 1, mask=s_hi != 0, other=x_hi)
+        return x_lo, x_hi
 
 
 @triton.jit
 def _row_blocks_quant_kernel(
-    x_ptr, w_ptr, base_ptr, src_ptr, outl_ptr, q_ptr, s_ptr, o_ptr, os_ptr,
+    x_ptr, w_ptr, base_ptr, src_ptr, table_ptr, outl_ptr, q_ptr, s_ptr, o_ptr, os_ptr,
     M, K, stride_xm, stride_qm, stride_sm, stride_om, stride_osm,
     eps, clip,
     NORM: tl.constexpr, X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr,
     GROUP: tl.constexpr, N_GROUPS: tl.constexpr, G_PAD: tl.constexpr, N_OUT: tl.constexpr,
     ROWS: tl.constexpr, NATIVE: tl.constexpr, X16: tl.constexpr, PREFETCH: tl.constexpr, CLAMP_LOW: tl.constexpr,
+    PATCH_PAIRS: tl.constexpr,
 ):
     """rms_norm_quant / gather_quant for a channel order whose normal groups are blocks of consecutive input
     channels with a few channels swapped in (``BlockPlan``; ``channel_order="blocks"`` makes such orders).
@@ -430,20 +495,13 @@ def _row_blocks_quant_kernel(
         else:
             x_lo = tl.load(xrow + col_lo, mask=mask2d & rmask, other=0.0)
             x_hi = tl.load(xrow + col_lo + HALF, mask=mask2d & rmask, other=0.0)
-        s_lo = tl.load(src_ptr + pos_lo, mask=mask2d & rmask, other=0)  # (0 past M: nothing loaded there)
-        s_hi = tl.load(src_ptr + pos_lo + HALF, mask=mask2d & rmask, other=0)
-        if X_DTYPE == tl.float32:  # (no 16-bit asm for fp32 rows: a masked load)
-            x_lo = tl.load(xrow + s_lo - 1, mask=s_lo != 0, other=x_lo)
-            x_hi = tl.load(xrow + s_hi - 1, mask=s_hi != 0, other=x_hi)
-        else:
-            x_lo = _patch16(xrow, s_lo, x_lo, NATIVE)
-            x_hi = _patch16(xrow, s_hi, x_hi, NATIVE)
+        x_o = 0.0
+        if N_OUT > 0:  # (requested before the patch: its branch would hold the load back until the runs are in)
+            x_o = tl.load(xrow + outl, mask=rmask, other=0.0).to(tl.float32)
+        x_lo, x_hi = _patch_chunks(xrow, table_ptr, pos_lo, src_ptr, x_lo, x_hi, mask2d & rmask, HALF, PATCH_PAIRS)
         x_lo = x_lo.to(tl.float32)
         x_hi = x_hi.to(tl.float32)
         rstd = 1.0
-        x_o = 0.0
-        if N_OUT > 0:
-            x_o = tl.load(xrow + outl, mask=rmask, other=0.0).to(tl.float32)
         if NORM:
             ss = tl.sum(tl.sum(x_lo * x_lo + x_hi * x_hi, axis=1), axis=0)
             if N_OUT > 0:
@@ -594,14 +652,18 @@ class BlockPlan:
     consecutive input channels with a few channels swapped in (``plan_blocks``; made once per order).
 
     Tensors on the order's device: ``base`` int32 [G_PAD] the first input channel of each group's block;
-    ``src`` int16 [Kn] per position 1 + the order's channel where it is not the block's own, else 0;
-    ``outliers`` int32 [n_out] the order's last n_out channels."""
+    ``src`` int16 [Kn] per position 1 + the order's channel where it is not the block's own, else 0 (the
+    interpreter's and fp32 rows' patch); ``table`` int32, the GPU patch's (``_patch_table``, read by ``_patch_asm``):
+    per chunk pair (8 positions of a lo half and the 8 a half group further; pair i * g / 16 + j / 8 for group i,
+    position j) a head (count << 16 | where its body is, the first two swaps' channels) and a body (the registers'
+    prmt selectors, where its further swaps are listed; slot 0-7: the lo chunk, 8-15: the hi chunk); ``outliers`` int32 [n_out] the order's last n_out channels."""
 
     K: int
     group_size: int
     n_outliers: int
     base: Tensor
     src: Tensor
+    table: Tensor
     outliers: Tensor
 
     @property
@@ -639,14 +701,59 @@ def plan_blocks(perm: Tensor, n_outliers: int, group_size: int, max_swapped: int
         max_swapped = int(group_size * BLOCK_MAX_SWAPPED_FRACTION)
     if int((delta != 0).sum(1).max()) > max_swapped:
         return None
-    if K > 32766:  # src is int16
+    if K > 32766 or group_size % 16:  # src is int16; the patch works on 8-position chunks of each half group
         return None
     dev = perm.device
-    base_pad = torch.zeros(triton.next_power_of_2(G), dtype=torch.int32)
+    g_pad = triton.next_power_of_2(G)
+    base_pad = torch.zeros(g_pad, dtype=torch.int32)
     base_pad[:G] = base.to(torch.int32)
     return BlockPlan(K=K, group_size=group_size, n_outliers=n_outliers, base=base_pad.to(dev),
                      src=torch.where(delta != 0, blocks + 1, 0).flatten().to(torch.int16).to(dev),
-                     outliers=p[Kn:].to(torch.int32).to(dev))
+                     table=_patch_table(blocks, delta != 0, g_pad).to(dev), outliers=p[Kn:].to(torch.int32).to(dev))
+
+
+def _patch_table(blocks: Tensor, swapped: Tensor, g_pad: int) -> Tensor:
+    """``BlockPlan.table`` from the order's groups [G, g] and where they hold another channel than the block's."""
+    G, g = blocks.shape
+    half = g // 2
+    n_pairs = g_pad * half // 8
+    pos = swapped.flatten().nonzero().flatten()
+    j = pos % g
+    hi = (j >= half).long()
+    jl = j - hi * half
+    pair = (pos // g) * (half // 8) + jl // 8  # chunk pair: 8 positions of a lo half and the 8 a half further
+    slot = hi * 8 + jl % 8
+    order = torch.argsort(pair * 16 + slot)
+    pair, slot, channel = pair[order], slot[order], blocks.flatten()[pos][order]
+    ids, counts = torch.unique_consecutive(pair, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(pair)) - torch.repeat_interleave(first, counts)
+    inline = rank < PATCH_INLINE
+    # words, counted from the kernel's table pointer (2 past the start: head 0, for none, is at -2): heads
+    # [1 + n_pairs, 2], padded to 16 bytes, then bodies [1 + n_pairs, 8], then the list of further swaps
+    heads_len = (2 * (1 + n_pairs) + 3) // 4 * 4
+    body0 = heads_len - 2  # where body 0 starts
+    heads = torch.zeros(1 + n_pairs, 2, dtype=torch.int64)
+    bodies = torch.zeros(1 + n_pairs, 8, dtype=torch.int64)
+    # selectors: 0x3210 keeps a register; an inline swap of rank r (value bytes 4 + 2 r, 5 + 2 r of the packed
+    # pair) replaces the lo (nibbles 0-1) or hi (nibbles 2-3) half of register slot // 2
+    sel = torch.tensor([0, 1, 2, 3]).repeat(1 + n_pairs, 8, 1)
+    e = 1 + pair[inline]
+    reg, h2, b = slot[inline] // 2, slot[inline] % 2, 4 + 2 * rank[inline]
+    sel[e, reg, 2 * h2] = b
+    sel[e, reg, 2 * h2 + 1] = b + 1
+    selectors = (sel * torch.tensor([1, 16, 256, 4096])).sum(-1)  # [1 + n_pairs, 8] 16-bit selectors
+    bodies[:, :4] = selectors[:, 0::2] | (selectors[:, 1::2] << 16)
+    heads[:, 0] = body0  # no swap: body 0 (identity selectors; a warp that patches loads it for such pairs too)
+    heads[1 + ids, 0] = (body0 + 8 * (1 + ids)) | (counts << 16)
+    chans = torch.zeros(1 + n_pairs, PATCH_INLINE, dtype=torch.int64)
+    chans[e, rank[inline]] = channel[inline]
+    heads[:, 1] = chans[:, 0] | (chans[:, 1] << 16)
+    over = (counts - PATCH_INLINE).clamp_min(0)
+    bodies[1 + ids, 4] = body0 + 8 * (1 + n_pairs) + torch.cumsum(over, 0) - over
+    spill = channel[~inline] | (slot[~inline] << 16)  # the swaps past PATCH_INLINE, in pair order
+    pad = torch.zeros(heads_len - 2 * (1 + n_pairs), dtype=torch.int64)
+    return torch.cat([heads.flatten(), pad, bodies.flatten(), spill]).to(torch.int32)
 
 
 def _blocks_launch(x2, weight, eps, plan: BlockPlan, K, n_groups, group_size, n_out, clip, norm, q, scales, outl,
@@ -662,14 +769,24 @@ def _blocks_launch(x2, weight, eps, plan: BlockPlan, K, n_groups, group_size, n_
     if num_warps is None:
         num_warps = max(4, min(8, triton.next_power_of_2(K) // 1024)) if M > num_sms(x2.device) else 8
     _row_blocks_quant_kernel[(triton.cdiv(M, rows_per_program),)](
-        x2, weight if norm else x2, plan.base, plan.src, plan.outliers, q, scales, outl, os_,
+        x2, weight if norm else x2, plan.base, plan.src, plan.table, plan.outliers, q, scales, outl, os_,
         M, K, x2.stride(0), q.stride(0), scales.stride(0), outl.stride(0), os_.stride(0),
         float(eps), float(clip),
         NORM=norm, X_DTYPE=_TL_DTYPES[x2.dtype], Y_DTYPE=_TL_DTYPES[ydt], GROUP=group_size, N_GROUPS=n_groups,
         G_PAD=triton.next_power_of_2(n_groups), N_OUT=n_out, ROWS=rows_per_program,
         NATIVE=not _interpreting(), X16=_x16_mode(x16), PREFETCH=bool(prefetch), CLAMP_LOW=clip < 0.85,
-        num_warps=num_warps, **_EXACT, **_maxnreg(maxnreg),
+        PATCH_PAIRS=_patch_pairs(x2, group_size, n_groups, num_warps), num_warps=num_warps, **_EXACT,
+        **_maxnreg(maxnreg),
     )
+
+
+def _patch_pairs(x2: Tensor, group_size: int, n_groups: int, num_warps: int) -> int:
+    """Chunk pairs per thread for the block kernel's asm patch: the [G_PAD, g/2] tile's elements per thread over 8
+    (16-bit rows on a GPU; Triton lays 16-byte contiguous runs per thread out first), 0 for the per-position path."""
+    per_thread = triton.next_power_of_2(n_groups) * (group_size // 2) // (32 * num_warps)
+    if _interpreting() or x2.element_size() != 2 or per_thread < 8:
+        return 0
+    return 2 if per_thread % 16 == 0 else 1
 
 
 def _row_launch(x, weight, eps, perm, K, n_groups, group_size, n_out, outlier_format, clip, norm,

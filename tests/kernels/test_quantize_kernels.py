@@ -259,6 +259,25 @@ def test_block_plan_kernels(device, dtype, K, g, n_out):
         _assert_bounded(out, _ref(ops.rms_norm_quant_reference, x, w, *args), dtype, g)
 
 
+@pytest.mark.parametrize("num_warps", [2, 4, 8])
+def test_block_plan_launches(device, num_warps):
+    """Llama-7B's hidden size with 2, 4 and 8 warps per row: on a GPU the asm patch then takes 2 x 16, 16 and 8
+    positions of each half group per thread (the layouts the defaults give at 16k rows and at decode)."""
+    from atom_compile.runtime_kernels.quantize import plan_blocks
+
+    K, g, n_out = 4096, 128, 128
+    perm = _block_order(K, g, n_out, seed=11, device=device)
+    plan = plan_blocks(perm, n_out, g)
+    M = 300 if device == "cuda" else 3
+    x = _rows(M, K, torch.bfloat16, device, seed=5)
+    w = (torch.rand(K, generator=torch.Generator().manual_seed(6)) + 0.5).bfloat16().to(device)
+    out = gather_quant(x, plan, "int4", g, n_out, "int8", 0.9, num_warps=num_warps)
+    _assert_exact(out, _ref(ops.gather_quant_reference, x, perm, "int4", g, n_out, "int8", 0.9))
+    out = rms_norm_quant(x, w, 1e-5, plan, "int4", g, n_out, "int8", 0.9, num_warps=num_warps)
+    _assert_bounded(out, _ref(ops.rms_norm_quant_reference, x, w, 1e-5, perm, "int4", g, n_out, "int8", 0.9),
+                    torch.bfloat16, g)
+
+
 @pytest.mark.parametrize("x16", [True, "e4m3"])
 def test_block_plan_x16_outputs(device, x16):
     """The GEMM-operand outputs (int8 16 * code, e4m3 codes) of the block kernel equal the gather kernel's."""
@@ -278,13 +297,66 @@ def test_block_plan_x16_outputs(device, x16):
             assert torch.equal(a.cpu(), b.cpu())
 
 
-def test_block_plan_edges(device):
+def _order_from_table(plan):
+    """The positions' channels as the GPU patch (``_patch_asm``) rebuilds them: each group's block, then per chunk
+    pair the halves its prmt selectors take from the two inline swaps, then its listed swaps past those (host
+    emulation of what the table means, indices counted as the kernel's table pointer counts them)."""
+    from atom_compile.runtime_kernels.quantize import PATCH_INLINE
+
+    g, half, G = plan.group_size, plan.group_size // 2, plan.n_groups
+    words = [int(w) for w in plan.table.cpu()[2:]]  # (the kernel's table pointer skips head 0: no swap)
+    identity = int(plan.table[0])
+    assert identity & 0xFFFF0000 == 0 and (identity + 2) % 4 == 0  # count 0; bodies 16-byte aligned (v4 loads)
+    assert words[identity: identity + 4] == [0x32103210] * 4
+    order = (plan.base.cpu().long()[:G, None] + torch.arange(g)).flatten()
+    for pair in range(len(plan.base) * half // 8):
+        head, chans = words[2 * pair], [words[2 * pair + 1] & 0xFFFF, words[2 * pair + 1] >> 16]
+        count = head >> 16
+        assert (head & 0xFFFF) % 8 == identity % 8
+        if count == 0:
+            assert head == identity
+            continue
+        body = words[head & 0xFFFF: (head & 0xFFFF) + 5]
+        first = (pair // (half // 8)) * g + 8 * (pair % (half // 8))  # the pair's lo chunk
+
+        def position(slot):  # slot 0-7: the lo chunk's 8 positions, 8-15: the hi chunk's
+            return first + slot + (half - 8 if slot >= 8 else 0)
+
+        for r in range(8):
+            sel = (body[r // 2] >> (16 * (r % 2))) & 0xFFFF
+            for h in range(2):
+                nib = [(sel >> (4 * (2 * h + b))) & 0xF for b in range(2)]
+                if nib == [2 * h, 2 * h + 1]:
+                    continue  # kept
+                assert nib[0] in (4, 6) and nib[1] == nib[0] + 1, hex(sel)
+                assert (nib[0] - 4) // 2 < count
+                order[position(2 * r + h)] = chans[(nib[0] - 4) // 2]
+        for w in words[body[4]: body[4] + max(0, count - PATCH_INLINE)]:
+            order[position(w >> 16)] = w & 0xFFFF
+    return order
+
+
+@pytest.mark.parametrize("K,g,n_out", BLOCK_SHAPES)
+def test_block_plan_table(K, g, n_out):
+    """The GPU patch's table rebuilds the order (host emulation, so it is checked in CI too): block orders from
+    random outliers, and a random order with every position swapped (16 swaps per chunk pair)."""
+    from atom_compile.runtime_kernels.quantize import plan_blocks
+
+    for perm in (_block_order(K, g, n_out, seed=K + g, device="cpu"),
+                 torch.randperm(K, generator=torch.Generator().manual_seed(g))):
+        plan = plan_blocks(perm, n_out, g, max_swapped=g)
+        assert torch.equal(_order_from_table(plan), perm[: K - n_out])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_plan_edges(device, dtype):
     """plan_blocks: an order with no swaps, a block moved whole, a group mostly swapped (refused by default, exact
-    when allowed), an order that is not made of blocks (refused), and a plan used with another shape (an error)."""
+    when allowed), an order that is not made of blocks (refused), and a plan used with another shape (an error).
+    bf16 rows take the GPU's asm patch, fp32 rows its per-position loads."""
     from atom_compile.runtime_kernels.quantize import plan_blocks
 
     K, g, n_out = 576, 64, 64
-    x = _rows(6, K, torch.float32, device, seed=8)
+    x = _rows(6, K, dtype, device, seed=8)
     ident = torch.arange(K, device=device)
     plan = plan_blocks(ident, n_out, g)
     assert plan is not None and plan.n_swapped == 0
