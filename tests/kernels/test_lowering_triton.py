@@ -29,7 +29,12 @@ TOL = 1e-2 if torch.cuda.is_available() else 1e-5
 
 
 @pytest.mark.parametrize("kv_rotation,channel_order", [(False, "score"), (True, "score"), (False, "blocks")])
-def test_triton_backend_matches_reference(tiny, device, kv_rotation, channel_order):
+def test_triton_backend_matches_reference(tiny, device, kv_rotation, channel_order, monkeypatch):
+    from atom_compile.runtime_kernels import quantize
+
+    if channel_order == "blocks":  # the tiny model's 64 outliers in 256 channels leave up to ~40% of a normal group
+        # swapped: allow that, so that the block kernel is bound (and checked) rather than refused for the gather one
+        monkeypatch.setattr(quantize, "BLOCK_MAX_SWAPPED_FRACTION", 0.5)
     calib = torch.randint(0, 64, (2, 16), device=device)
     cfg = AtomConfig(group_size=64, n_outliers=64, kv_rotation=kv_rotation, channel_order=channel_order)
     ref = atom_compile.compile(tiny, calib, cfg, progress=False, backend="reference")
