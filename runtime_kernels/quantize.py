@@ -124,7 +124,8 @@ def _int4_group_codes(y_lo, y_hi, clip, scale_ptrs, q_ptrs, mask2d, gmask, NATIV
     16 * code as int8 at q_ptrs (low half) and q_ptrs + HALF (high half) (the W4A4 GEMM's MMA operand), or with
     X16 == 2 the codes' e4m3 bytes at the same places (the cuBLAS block-scaled GEMM's operand)."""
     amax = tl.maximum(tl.max(tl.abs(y_lo), axis=1), tl.max(tl.abs(y_hi), axis=1))
-    scale = tl.math.div_rn(amax * clip, 7.0)
+    # (masked groups divide 1, not 0: a zero dividend takes div.rn's slow path, in the whole warp that holds it)
+    scale = tl.math.div_rn(tl.where(gmask, amax, 1.0) * clip, 7.0)
     tl.store(scale_ptrs, scale, mask=gmask)
     s = tl.where(scale > 0, scale, 1.0)
     r = tl.math.div_rn(1.0, s)[:, None]
