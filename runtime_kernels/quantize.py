@@ -38,12 +38,12 @@ the reference run on a GPU is itself one ulp off its definition now and then):
   the interpreter) against torch's: the same bound as ``rms_norm_quant``.
 
 Performance (H100, bf16, 16k x 4096, bench/bench_quantize.py): silu_mul_quant at 94% of the copy bandwidth.
-With an arbitrary channel order (Atom's score order) rms_norm_quant 51% and gather_quant 66%: the channel gather
+With an arbitrary channel order (Atom's score order) rms_norm_quant 55% and gather_quant 66%: the channel gather
 (``tl.gather``) goes through shared memory with barriers around it (two rows per round trip, see
 _row_gather_quant_kernel), and at ~32 instructions per element and 2 programs per SM the kernel is issue- and
 latency-bound. With an order whose groups are blocks of consecutive channels (``channel_order="blocks"``; pass a
 ``BlockPlan`` from ``plan_blocks`` as ``perm``) _row_blocks_quant_kernel loads contiguous runs and patches the few
-swapped channels from a table: 75.6% / 91.7%.
+swapped channels from a table: 77.2% / 91.7%.
 See docs/performance.md.
 """
 
@@ -643,8 +643,8 @@ def _maxnreg(n):
 
 # plan_blocks refuses an order with more swapped positions than this fraction of a group in some group. H100, 16k x
 # 4096 (bench_quantize --swap-fractions, bench/results/quantize_h100_blocks.json): with 0 / 3 / 10 / 25% of the
-# positions swapped at random the block kernel takes 65 / 76 / 96 / 117 us for rms_norm_quant (gather kernel: 112) and
-# 59 / 63 / 78 / 99 us for gather_quant (gather kernel: 87); the most swapped of 31 groups holds ~16% of its positions
+# positions swapped at random the block kernel takes 63 / 75 / 94 / 116 us for rms_norm_quant (gather kernel: 104) and
+# 59 / 62 / 78 / 99 us for gather_quant (gather kernel: 88); the most swapped of 31 groups holds ~16% of its positions
 # at 10% overall, ~33% at 25%
 BLOCK_MAX_SWAPPED_FRACTION = 0.25
 
