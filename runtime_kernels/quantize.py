@@ -347,10 +347,9 @@ def _patch_asm(pairs: int) -> str:
     swaps are listed). Where every count is 0 a branch skips the rest (the common case: one 8-byte load per pair
     from a small array). Otherwise: the body load and two predicated value loads, one pack and 8 prmt per pair (no
     per-position test, no local memory); swaps past the second (rare: channel | slot << 16) one by one, each a load
-    and 8 predicated
-    prmt. ${:uid} makes the labels unique per inlined copy. Operands (Triton's order for pack = 8 * pairs): outputs
-    lo, hi (4 * pairs registers each), then base, table (8 * pairs 64-bit each, all equal), pair (8 * pairs), x lo,
-    x hi (4 * pairs registers each)."""
+    and 8 predicated prmt. ${:uid} makes the labels unique per inlined copy. Operands (Triton's order for pack =
+    8 * pairs): outputs lo, hi (4 * pairs registers each), then base, table (8 * pairs 64-bit each, all equal), pair
+    (8 * pairs), x lo, x hi (4 * pairs registers each)."""
     P = pairs
     o_base, o_table, o_pos, o_lo, o_hi = 8 * P, 16 * P, 24 * P, 32 * P, 36 * P
     words = [f"h{k}, c{k}, a{k}, b{k}, d{k}, e{k}" for k in range(P)]  # head, channels, selectors
@@ -398,10 +397,12 @@ def _patch_asm(pairs: int) -> str:
     return "\n".join(lines)
 
 
-_PATCH_ASM = {p: tl.constexpr(_patch_asm(p)) for p in (1, 2)}
-_PATCH_CONSTRAINTS = {p: tl.constexpr(",".join(["=r"] * 8 * p + ["l"] * 16 * p + ["r"] * 16 * p)) for p in (1, 2)}
-_PATCH_ASM1, _PATCH_ASM2 = _PATCH_ASM[1], _PATCH_ASM[2]
-_PATCH_CONSTRAINTS1, _PATCH_CONSTRAINTS2 = _PATCH_CONSTRAINTS[1], _PATCH_CONSTRAINTS[2]
+def _patch_constraints(pairs: int) -> str:
+    return ",".join(["=r"] * 8 * pairs + ["l"] * 16 * pairs + ["r"] * 16 * pairs)
+
+
+_PATCH_ASM1, _PATCH_ASM2 = tl.constexpr(_patch_asm(1)), tl.constexpr(_patch_asm(2))
+_PATCH_CONSTRAINTS1, _PATCH_CONSTRAINTS2 = tl.constexpr(_patch_constraints(1)), tl.constexpr(_patch_constraints(2))
 
 
 @triton.jit
@@ -411,7 +412,7 @@ def _patch_chunks(row_ptr, table_ptr, pos, src_ptr, x_lo, x_hi, valid, HALF: tl.
 
     PAIRS (1 or 2, set by the host to what the tile's layout gives each thread: 8 or 16 consecutive positions of a
     lo half and of a hi half, in aligned chunks of 8): on a GPU an elementwise asm block per thread's PAIRS chunk
-    pairs reads the plan's table (``_patch_asm``): a 16-byte load per pair and a branch when none holds a swap. A
+    pairs reads the plan's table (``_patch_asm``): an 8-byte load per pair and a branch when none holds a swap. A
     tl.load with per-element addresses would also make Triton pick another register layout for the tile, one that
     spreads a group over the warps, and convert everything to it. PAIRS = 0 (the interpreter, fp32 rows, tiles too
     small for 8 positions a thread): per-position loads through ``src`` (channel + 1, 0 where the block's own
@@ -659,7 +660,8 @@ class BlockPlan:
     interpreter's and fp32 rows' patch); ``table`` int32, the GPU patch's (``_patch_table``, read by ``_patch_asm``):
     per chunk pair (8 positions of a lo half and the 8 a half group further; pair i * g / 16 + j / 8 for group i,
     position j) a head (count << 16 | where its body is, the first two swaps' channels) and a body (the registers'
-    prmt selectors, where its further swaps are listed; slot 0-7: the lo chunk, 8-15: the hi chunk); ``outliers`` int32 [n_out] the order's last n_out channels."""
+    prmt selectors, where its further swaps are listed; slot 0-7: the lo chunk, 8-15: the hi chunk);
+    ``outliers`` int32 [n_out] the order's last n_out channels."""
 
     K: int
     group_size: int
