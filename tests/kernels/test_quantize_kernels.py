@@ -259,15 +259,18 @@ def test_block_plan_kernels(device, dtype, K, g, n_out):
         _assert_bounded(out, _ref(ops.rms_norm_quant_reference, x, w, *args), dtype, g)
 
 
+@pytest.mark.parametrize("g", [128, 64])
 @pytest.mark.parametrize("num_warps", [2, 4, 8])
-def test_block_plan_launches(device, num_warps):
+def test_block_plan_launches(device, num_warps, g):
     """Llama-7B's hidden size with 2, 4 and 8 warps per row: on a GPU the asm patch then takes 2 x 16, 16 and 8
-    positions of each half group per thread (the layouts the defaults give at 16k rows and at decode)."""
+    positions of each half group per thread (the layouts the defaults give at 16k rows and at decode), for groups
+    of 128 and of 64."""
     from atom_compile.runtime_kernels.quantize import plan_blocks
 
-    K, g, n_out = 4096, 128, 128
+    K, n_out = 4096, 128
     perm = _block_order(K, g, n_out, seed=11, device=device)
     plan = plan_blocks(perm, n_out, g)
+    assert plan is not None and plan.n_swapped > 0
     M = 300 if device == "cuda" else 3
     x = _rows(M, K, torch.bfloat16, device, seed=5)
     w = (torch.rand(K, generator=torch.Generator().manual_seed(6)) + 0.5).bfloat16().to(device)
