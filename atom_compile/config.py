@@ -33,7 +33,7 @@ ELEMENT_FORMATS = INT_FORMATS | {"fp4"}
 OUTLIER_FORMATS = {"int8", "fp16"}
 WEIGHT_METHODS = {"rtn", "gptq"}
 OUTLIER_METRICS = {"hessian", "abs_mean"}
-CHANNEL_ORDERS = {"score", "blocks"}
+CHANNEL_ORDERS = {"score", "blocks", "chunks"}
 KV_BITS = {2, 4, 8}
 
 

@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from atom_compile import ops, quant
-from atom_compile.passes.outlier_analysis import block_channel_order
+from atom_compile.passes.outlier_analysis import block_channel_order, chunk_channel_order
 from atom_compile.runtime_kernels.quantize import gather_quant, plan_blocks, rms_norm_quant, silu_mul_quant
 from bench.common import bench_us, copy_bandwidth_gbs, report
 
@@ -141,29 +141,32 @@ def main(argv=None):
                   _bytes(M, K, n_out, g, 1, K * perm.element_size()), copy_gbs,
                   "gather_quant", f"{M}x{K}", lambda o, r: _check(o, r, g, True), sweep)
 
-    # --- the same two with channel_order="blocks" (random outliers): contiguous group loads + fix-ups (BlockPlan)
-    bperm = block_channel_order(torch.randperm(K, generator=torch.Generator().manual_seed(0)), n_out, g).to(dev)
-    plan = plan_blocks(bperm, n_out, g)
-    table = K * 4 + n_out * 4  # the deltas and the outlier indices
-    label = f"block order, {plan.n_swapped} swapped channels"
+    # --- the same two with channel_order="blocks" and "chunks" (random outliers): the block kernel (BlockPlan):
+    # groups loaded as runs (of g, or of 8 channels sorted by score), the swapped channels patched
+    table = K * 2 + n_out * 4  # the run columns (int16) and the outlier indices, read once
     configs = [(f"rows={r},warps={nw},prefetch={pf}", r, nw, pf)
                for r, nw, pf in ((1, 2, False), (1, 4, False), (1, 8, False), (2, 4, False), (2, 4, True),
                                  (4, 4, False), (4, 4, True), (16, 4, True))]
-    rows += _time(lambda: rms_norm_quant(x, w, EPS, plan, *qargs),
-                  lambda: ops.rms_norm_quant_reference(x, w, EPS, bperm, *qargs),
-                  lambda: ops.rms_norm_quant_reference(*_cpu_rows(x, w), EPS, bperm.cpu(), *qargs),
-                  _bytes(M, K, n_out, g, 1, K * 2 + table), copy_gbs,
-                  f"rms_norm_quant ({label})", f"{M}x{K}", lambda o, r: _check(o, r, g, False),
-                  [(n, (lambda r=r, nw=nw, pf=pf: rms_norm_quant(x, w, EPS, plan, *qargs, rows_per_program=r,
-                                                                 num_warps=nw, prefetch=pf)))
-                   for n, r, nw, pf in configs])
-    rows += _time(lambda: gather_quant(x, plan, *qargs), lambda: ops.gather_quant_reference(x, bperm, *qargs),
-                  lambda: ops.gather_quant_reference(*_cpu_rows(x, bperm), *qargs),
-                  _bytes(M, K, n_out, g, 1, table), copy_gbs,
-                  f"gather_quant ({label})", f"{M}x{K}", lambda o, r: _check(o, r, g, True),
-                  [(n, (lambda r=r, nw=nw, pf=pf: gather_quant(x, plan, *qargs, rows_per_program=r, num_warps=nw,
-                                                               prefetch=pf)))
-                   for n, r, nw, pf in configs])
+    for kind, make_order in (("block", block_channel_order), ("chunk", chunk_channel_order)):
+        bperm = make_order(torch.randperm(K, generator=torch.Generator().manual_seed(0)), n_out, g).to(dev)
+        plan = plan_blocks(bperm, n_out, g)
+        label = f"{kind} order, {plan.n_swapped} swapped channels"
+        sweep_configs = configs if kind == "block" else []
+        rows += _time(lambda: rms_norm_quant(x, w, EPS, plan, *qargs),
+                      lambda: ops.rms_norm_quant_reference(x, w, EPS, bperm, *qargs),
+                      lambda: ops.rms_norm_quant_reference(*_cpu_rows(x, w), EPS, bperm.cpu(), *qargs),
+                      _bytes(M, K, n_out, g, 1, K * 2 + table), copy_gbs,
+                      f"rms_norm_quant ({label})", f"{M}x{K}", lambda o, r: _check(o, r, g, False),
+                      [(n, (lambda r=r, nw=nw, pf=pf: rms_norm_quant(x, w, EPS, plan, *qargs, rows_per_program=r,
+                                                                     num_warps=nw, prefetch=pf)))
+                       for n, r, nw, pf in sweep_configs])
+        rows += _time(lambda: gather_quant(x, plan, *qargs), lambda: ops.gather_quant_reference(x, bperm, *qargs),
+                      lambda: ops.gather_quant_reference(*_cpu_rows(x, bperm), *qargs),
+                      _bytes(M, K, n_out, g, 1, table), copy_gbs,
+                      f"gather_quant ({label})", f"{M}x{K}", lambda o, r: _check(o, r, g, True),
+                      [(n, (lambda r=r, nw=nw, pf=pf: gather_quant(x, plan, *qargs, rows_per_program=r, num_warps=nw,
+                                                                   prefetch=pf)))
+                       for n, r, nw, pf in sweep_configs])
 
     # --- the block kernel's cost against the fraction of swapped positions (synthetic orders: blocks in place, a
     # fraction of the normal positions exchanging channels at random; plan_blocks with no threshold)

@@ -80,7 +80,7 @@ class _X16Quantizer:
 
 class _BlockOrderQuantizer:
     """A quantizer called with its channel order's BlockPlan (made once, here) in place of the order tensor: the
-    kernel then loads each group as a contiguous run instead of gathering every channel."""
+    kernel then loads each group as runs of 8 or more consecutive channels instead of gathering every channel."""
 
     def __init__(self, fn, perm_index: int, plan):
         self.fn = fn
@@ -113,7 +113,7 @@ class QuantizerBinding(Binding):
             plan = rk.plan_blocks(getattr(gm, perm.target), n_out, group_size)
         if plan is not None:
             fn = _BlockOrderQuantizer(fn, _PERM_ARG[node.target], plan)
-            how += f"; channel order in blocks: contiguous group loads, {plan.n_swapped} swapped channels patched"
+            how += f"; channel order in runs: 16-byte group loads, {plan.n_swapped} swapped channels patched"
         if X16_ACTIVATIONS and _codes_only_read_by_gemm_kernels(node):
             node.meta["atom.x16"] = True
             gemms = [(getattr(gm, u.args[4].target).shape[0], u.args[11], u.args[14])

@@ -64,6 +64,50 @@ def block_channel_order(score_order: torch.Tensor, n_outliers: int, group_size: 
     return torch.cat([torch.tensor(normal, dtype=score_order.dtype), outliers])
 
 
+def chunk_channel_order(score_order: torch.Tensor, n_outliers: int, group_size: int, unit: int = 16) -> torch.Tensor:
+    """A channel order with the same outliers last whose normal groups are made of aligned runs of ``unit``
+    consecutive channels sorted by score: between Atom's score order (every channel sorted) and
+    ``block_channel_order`` (each group one block of consecutive channels).
+
+    The (K - n) / unit runs with the fewest outliers (ties: the lower run) are kept; each is ranked by its
+    highest-scoring normal channel (its rank in ``score_order``), and groups take g / unit runs each in that rank
+    order, so a group's runs have similar maxima, as the score order's groups do. Each outlier inside a kept run is
+    replaced by a normal channel of the runs left over, the lowest-ranked filler to the lowest-ranked group. Inside
+    a group, run r's first unit / 2 channels take positions r * unit / 2 of the group's first half and its last
+    unit / 2 the same positions of the second half: the GPU quantizer packs positions j and j + g / 2 into one byte,
+    so each thread then loads one 32-byte run (unit 16, bf16) for both (runtime_kernels/quantize.py:
+    ``plan_blocks``). Example, K = 12, g = 4, unit = 2, score order [8, 9, 2, 3, 0, 10, 5, 4 | 11, 7, 1, 6]
+    (outliers last): the runs {2,3} {4,5} {8,9} hold no outlier, then {0,1} (one; the lower of the two with one) is
+    kept, {6,7} and {10,11} are left over; ranked by their best normal channel ({8,9}: 1, {2,3}: 3, {0,1}: 4,
+    {4,5}: 7), with channel 10 in outlier 1's place and each run split over the two halves of its group the order
+    is [8, 2, 9, 3, 0, 4, 10, 5 | 11, 7, 1, 6].
+    """
+    K = score_order.numel()
+    if unit % 2 or group_size % unit or K % unit:
+        raise ValueError(f"the run of {unit} must be even and divide the group size {group_size} and the {K} channels")
+    if (K - n_outliers) % group_size:
+        raise ValueError(f"{K} channels - {n_outliers} outliers are not groups of {group_size}")
+    n_keep = (K - n_outliers) // unit
+    outliers = score_order[K - n_outliers:]
+    is_outlier = torch.zeros(K, dtype=torch.bool)
+    is_outlier[outliers] = True
+    rank = torch.empty(K, dtype=torch.long)
+    rank[score_order] = torch.arange(K)
+    n_runs = K // unit
+    counts = is_outlier.view(n_runs, unit).sum(1).tolist()
+    kept = sorted(range(n_runs), key=lambda r: (counts[r], r))[:n_keep]
+    normal_rank = torch.where(is_outlier, torch.full_like(rank, -1), rank).view(n_runs, unit).amax(1).tolist()
+    kept.sort(key=lambda r: (normal_rank[r], r))
+    in_kept = torch.zeros(n_runs, dtype=torch.bool)
+    in_kept[kept] = True
+    leftover = (~in_kept).repeat_interleave(unit) & ~is_outlier
+    fill = iter(sorted(torch.nonzero(leftover).flatten().tolist(), key=lambda c: int(rank[c])))
+    normal = torch.tensor([next(fill) if is_outlier[c] else c for r in kept for c in range(r * unit, (r + 1) * unit)],
+                          dtype=score_order.dtype)
+    # [groups, runs, 2 halves, unit / 2] -> [groups, 2 halves, runs, unit / 2]
+    normal = normal.view(-1, group_size // unit, 2, unit // 2).transpose(1, 2).flatten()
+    return torch.cat([normal, outliers])
+
 def linear_inputs(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     """Input node name -> the linears that consume it, in graph order."""
     groups: dict[str, list[fx.Node]] = {}
@@ -115,6 +159,8 @@ class OutlierAnalysis(AtomPass):
             spec = cfg.resolve(K[name])
             if cfg.channel_order == "blocks" and spec.n_outliers:
                 perm = block_channel_order(perm, spec.n_outliers, spec.group_size)
+            elif cfg.channel_order == "chunks" and spec.n_outliers:
+                perm = chunk_channel_order(perm, spec.n_outliers, spec.group_size)
             orders[name] = perm
             node = nodes[name]
             node.meta["atom.channel_order"] = perm

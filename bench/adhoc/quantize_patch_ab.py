@@ -7,7 +7,8 @@ file. The comparisons behind docs/performance.md's "How the patch went from 85 t
         --out bench/adhoc/quantize_patch_ab_h100.json
 
 3867e14: the per-position patch; 29c6744: the table patch (outlier load before it); 440d8eb: + the sum of squares
-as an FMA; 874b6a1: + a padded group's scale dividing 1.
+as an FMA; 874b6a1: + a padded group's scale dividing 1. Revisions whose plan_blocks takes runs of 8 (chunk orders,
+``channel_order="chunks"``) are also timed on a chunk order.
 """
 
 import argparse
@@ -20,7 +21,7 @@ import tempfile
 
 import torch
 
-from atom_compile.passes.outlier_analysis import block_channel_order
+from atom_compile.passes.outlier_analysis import block_channel_order, chunk_channel_order
 from bench.bench_quantize import CLIP, EPS, _rows
 from bench.common import bench_us, copy_bandwidth_gbs, report
 
@@ -51,6 +52,7 @@ def main() -> None:
     w = (torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16)
     perm = block_channel_order(torch.randperm(K, generator=torch.Generator().manual_seed(0)), n_out, g).cuda()
     ident = torch.arange(K, device="cuda")
+    chunks = chunk_channel_order(torch.randperm(K, generator=torch.Generator().manual_seed(0)), n_out, g).cuda()
     qa = ("int4", g, n_out, "int8", CLIP)
     copy = copy_bandwidth_gbs(1 << 30)
     nbytes = M * K * 2 + M * (K - n_out) // 2 + M * (K - n_out) // g * 4 + M * n_out + M * 4
@@ -59,10 +61,15 @@ def main() -> None:
     for rnd in range(args.rounds):
         for rev, q in mods.items():
             p3, p0 = q.plan_blocks(perm, n_out, g, max_swapped=g), q.plan_blocks(ident, n_out, g)
-            for name, fn in (("rms_norm_quant, block order", lambda: q.rms_norm_quant(x, w, EPS, p3, *qa)),
-                             ("rms_norm_quant, no swap", lambda: q.rms_norm_quant(x, w, EPS, p0, *qa)),
-                             ("gather_quant, block order", lambda: q.gather_quant(x, p3, *qa)),
-                             ("gather_quant, no swap", lambda: q.gather_quant(x, p0, *qa))):
+            cases = [("rms_norm_quant, block order", lambda: q.rms_norm_quant(x, w, EPS, p3, *qa)),
+                     ("rms_norm_quant, no swap", lambda: q.rms_norm_quant(x, w, EPS, p0, *qa)),
+                     ("gather_quant, block order", lambda: q.gather_quant(x, p3, *qa)),
+                     ("gather_quant, no swap", lambda: q.gather_quant(x, p0, *qa))]
+            pc = q.plan_blocks(chunks, n_out, g)  # (None before the revisions that take runs of 8)
+            if pc is not None:
+                cases += [("rms_norm_quant, chunk order", lambda: q.rms_norm_quant(x, w, EPS, pc, *qa)),
+                          ("gather_quant, chunk order", lambda: q.gather_quant(x, pc, *qa))]
+            for name, fn in cases:
                 us = bench_us(fn)
                 pct = 100 * nbytes / (us * 1e-6) / 1e9 / copy
                 rows.append(dict(round=rnd, rev=os.path.basename(rev), kernel=name, us=us, pct_copy=pct))

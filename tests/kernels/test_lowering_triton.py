@@ -54,7 +54,7 @@ def test_triton_backend_matches_reference(tiny, device, kv_rotation, channel_ord
     # 4 quantizers (2 norms, o_proj, down) + 4 GEMMs (qkv_proj, o_proj, gate_up_proj, down_proj)
     assert sum("16 * code" in c for c in configs.values()) == 4 + 4
     # with channel_order="blocks" the three quantizers that take an order (both norms, o_proj's input) get its plan
-    blocks = [name for name, c in configs.items() if "channel order in blocks" in c]
+    blocks = [name for name, c in configs.items() if "channel order in runs" in c]
     assert len(blocks) == (3 if channel_order == "blocks" else 0), blocks
     ids = torch.randint(0, 64, (2, 12), device=device)
     a, b = ref(ids), tri(ids)

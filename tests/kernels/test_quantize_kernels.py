@@ -226,27 +226,32 @@ def test_unsupported_configurations_raise(device):
 
 
 # ---------------------------------------------------------------- block channel order (BlockPlan kernel)
-def _block_order(K, g, n_out, seed, device):
-    """A channel order as channel_order="blocks" makes it, from random outlier scores."""
-    from atom_compile.passes.outlier_analysis import block_channel_order
+def _block_order(K, g, n_out, seed, device, kind="blocks"):
+    """A channel order as channel_order="blocks" (or "chunks") makes it, from random outlier scores."""
+    from atom_compile.passes.outlier_analysis import block_channel_order, chunk_channel_order
 
     score_order = torch.randperm(K, generator=torch.Generator().manual_seed(seed))
-    return block_channel_order(score_order, n_out, g).to(device)
+    make = block_channel_order if kind == "blocks" else chunk_channel_order
+    return make(score_order, n_out, g).to(device)
 
 
 BLOCK_SHAPES = [(576, 64, 128), (576, 128, 64), (1536, 128, 128), (4096, 128, 128), (1024, 64, 0)]
 
 
+@pytest.mark.parametrize("kind", ["blocks", "chunks"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("K,g,n_out", BLOCK_SHAPES)
-def test_block_plan_kernels(device, dtype, K, g, n_out):
-    """The block kernel (contiguous group loads, swapped channels patched) against the reference: gather_quant
-    bit-exact, rms_norm_quant within the stated bound; random outliers leave swapped channels in most groups."""
+def test_block_plan_kernels(device, dtype, K, g, n_out, kind):
+    """The block kernel (runs of 8 or more channels loaded whole, swapped channels patched) against the reference,
+    for block and chunk orders: gather_quant bit-exact, rms_norm_quant within the stated bound; random outliers
+    leave swapped channels in most groups."""
     from atom_compile.runtime_kernels.quantize import plan_blocks
 
-    perm = _block_order(K, g, n_out, seed=K + g + n_out, device=device)
+    perm = _block_order(K, g, n_out, seed=K + g + n_out, device=device, kind=kind)
     plan = plan_blocks(perm, n_out, g, max_swapped=g)
     assert plan is not None and (n_out == 0 or plan.n_swapped > 0)
+    # block orders: one start per group; chunk orders: runs of 16, a position's hi partner 8 channels on
+    assert (plan.base is not None, plan.hi_delta) == ((True, g // 2) if kind == "blocks" else (False, 8))
     M = 19 if K <= 1536 else 5
     x = _rows(M, K, dtype, device, seed=K * 7 + g)
     gen = torch.Generator().manual_seed(K + 1)
@@ -259,16 +264,17 @@ def test_block_plan_kernels(device, dtype, K, g, n_out):
         _assert_bounded(out, _ref(ops.rms_norm_quant_reference, x, w, *args), dtype, g)
 
 
+@pytest.mark.parametrize("kind", ["blocks", "chunks"])
 @pytest.mark.parametrize("g", [128, 64])
 @pytest.mark.parametrize("num_warps", [2, 4, 8])
-def test_block_plan_launches(device, num_warps, g):
+def test_block_plan_launches(device, num_warps, g, kind):
     """Llama-7B's hidden size with 2, 4 and 8 warps per row: on a GPU the asm patch then takes 2 x 16, 16 and 8
     positions of each half group per thread (the layouts the defaults give at 16k rows and at decode), for groups
     of 128 and of 64."""
     from atom_compile.runtime_kernels.quantize import plan_blocks
 
     K, n_out = 4096, 128
-    perm = _block_order(K, g, n_out, seed=11, device=device)
+    perm = _block_order(K, g, n_out, seed=11, device=device, kind=kind)
     plan = plan_blocks(perm, n_out, g)
     assert plan is not None and plan.n_swapped > 0
     M = 300 if device == "cuda" else 3
@@ -311,8 +317,8 @@ def _order_from_table(plan):
     identity = int(plan.table[0])
     assert identity & 0xFFFF0000 == 0 and (identity + 2) % 4 == 0  # count 0; bodies 16-byte aligned (v4 loads)
     assert words[identity: identity + 4] == [0x32103210] * 4
-    order = (plan.base.cpu().long()[:G, None] + torch.arange(g)).flatten()
-    for pair in range(len(plan.base) * half // 8):
+    order = plan.cols.cpu().long()[: G * g].clone()
+    for pair in range(len(plan.cols) // 16):
         head, chans = words[2 * pair], [words[2 * pair + 1] & 0xFFFF, words[2 * pair + 1] >> 16]
         count = head >> 16
         assert (head & 0xFFFF) % 8 == identity % 8
@@ -341,11 +347,12 @@ def _order_from_table(plan):
 
 @pytest.mark.parametrize("K,g,n_out", BLOCK_SHAPES)
 def test_block_plan_table(K, g, n_out):
-    """The GPU patch's table rebuilds the order (host emulation, so it is checked in CI too): block orders from
-    random outliers, and a random order with every position swapped (16 swaps per chunk pair)."""
+    """The GPU patch's table rebuilds the order (host emulation, so it is checked in CI too): block and chunk
+    orders from random outliers, and a random order with every position swapped (16 swaps per chunk pair)."""
     from atom_compile.runtime_kernels.quantize import plan_blocks
 
     for perm in (_block_order(K, g, n_out, seed=K + g, device="cpu"),
+                 _block_order(K, g, n_out, seed=K + g, device="cpu", kind="chunks"),
                  torch.randperm(K, generator=torch.Generator().manual_seed(g))):
         plan = plan_blocks(perm, n_out, g, max_swapped=g)
         assert torch.equal(_order_from_table(plan), perm[: K - n_out])
@@ -353,7 +360,8 @@ def test_block_plan_table(K, g, n_out):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_plan_edges(device, dtype):
-    """plan_blocks: an order with no swaps, a block moved whole, a group mostly swapped (refused by default, exact
+    """plan_blocks: an order with no swaps, a block moved whole, a run of 8 moved whole, a group mostly swapped
+    (refused by default, exact
     when allowed), an order that is not made of blocks (refused), and a plan used with another shape (an error).
     bf16 rows take the GPU's asm patch, fp32 rows its per-position loads."""
     from atom_compile.runtime_kernels.quantize import plan_blocks
@@ -371,9 +379,15 @@ def test_block_plan_edges(device, dtype):
     assert plan is not None and plan.n_swapped == 0
     _assert_exact(gather_quant(x, plan, "int4", g, n_out, "int8", 0.9),
                   _ref(ops.gather_quant_reference, x, whole, "int4", g, n_out, "int8", 0.9))
-    mixed = ident.clone()  # 40 of group 1's 64 positions from the outlier block (two runs, so its own block wins)
-    mixed[64:84], mixed[512:532] = ident[512:532], ident[64:84]
-    mixed[84:104], mixed[544:564] = ident[544:564], ident[84:104]
+    runs = ident.clone()  # group 1's third run of 8 and an aligned run of the outlier block trade places
+    runs[80:88], runs[520:528] = ident[520:528], ident[80:88]
+    plan = plan_blocks(runs, n_out, g)
+    assert plan is not None and plan.n_swapped == 0 and plan.base is None and plan.hi_delta == 0  # (cols path)
+    _assert_exact(gather_quant(x, plan, "int4", g, n_out, "int8", 0.9),
+                  _ref(ops.gather_quant_reference, x, runs, "int4", g, n_out, "int8", 0.9))
+    mixed = ident.clone()  # 40 of group 1's 64 positions from the outlier block, off the 8-channel alignment
+    mixed[64:84], mixed[513:533] = ident[513:533], ident[64:84]
+    mixed[84:104], mixed[545:565] = ident[545:565], ident[84:104]
     assert plan_blocks(mixed, n_out, g) is None  # 40 swapped positions > the default 32
     plan = plan_blocks(mixed, n_out, g, max_swapped=40)
     assert plan.n_swapped == 40
