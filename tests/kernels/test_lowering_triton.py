@@ -1,13 +1,15 @@
 """The Triton backend end to end: a small Llama compiled for the kernels computes what the reference computes."""
 
 import copy
+import operator
 
 import pytest
 import torch
+import torch.fx as fx
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import atom_compile
-from atom_compile import AtomConfig
+from atom_compile import AtomConfig, quant
 from atom_compile import runtime_kernels as rk
 from atom_compile.lowering import relower
 
@@ -20,22 +22,101 @@ def tiny(device):
     return LlamaForCausalLM(cfg).eval().to(device)
 
 
-# Under the interpreter the kernels compute the reference's float32 operations (in the same order, except the
-# Hadamard kernel's sums, within its stated bound): 1e-5.
-# On a GPU, torch's reference divides by a reciprocal where the kernels follow the CPU definition (x / s),
-# so a scale can differ by one ulp and flip an occasional 4-bit code; the end-to-end bound is then 1e-2,
-# and the per-node agreement is checked by bench/diag_gpu.py (1e-7 relative on the H100, fp32).
+def _tokens(shape, seed, device):
+    """Token ids from their own generator, so that a test's inputs do not depend on which tests ran before it."""
+    return torch.randint(0, 64, shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+# Per node (float outputs), on the reference's inputs: under the interpreter the kernels compute the reference's
+# float32 operations (in the same order, except the attention's and the Hadamard kernel's sums, within their stated
+# bounds): 1e-5. On a GPU, 1e-2 (bf16 / TF32-class differences of the kernels' own arithmetic).
+# The models are compared node by node rather than end to end: a value one float32 ulp apart between the backends
+# (as the bounds allow) that sits on a code's rounding boundary flips a 4- or 8-bit code, and in this random tiny
+# model such a flip carries to a 3e-3 - 5e-2 difference at the output (seen for some inputs, on the code before and
+# after 2026-11-22's chunk order alike: the attention output differed by 2e-7, one o_proj outlier code flipped).
 TOL = 1e-2 if torch.cuda.is_available() else 1e-5
 
 
-@pytest.mark.parametrize("kv_rotation,channel_order", [(False, "score"), (True, "score"), (False, "blocks")])
+class _Capture(fx.Interpreter):
+    """Runs a layer graph and keeps every call's output by node name."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.values = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.op == "call_function":
+            self.values[n.name] = out
+        return out
+
+
+class _TeacherForced(fx.Interpreter):
+    """Runs the kernel-bound graph; each call's output is checked against the reference graph's output for the
+    same node and then replaced by it, so that every node is compared on the reference's own inputs and a code
+    that flips at a rounding boundary (allowed by the quantizers' stated bounds) does not carry into later nodes."""
+
+    def __init__(self, gm, want, tol):
+        super().__init__(gm)
+        self.want, self.tol, self.checked = want, tol, 0
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.op != "call_function" or n.name not in self.want:
+            return out
+        want = self.want[n.name]
+        if not isinstance(out, (tuple, list)):
+            return self._match(n, out, want)
+        assert len(out) == len(want), (n.name, len(out), len(want))
+        return tuple(self._match(n, o, w) for o, w in zip(out, want))
+
+    def _match(self, n, got, want):
+        if not isinstance(got, torch.Tensor):
+            return want
+        step = 1
+        if got.shape != want.shape and got.dtype == torch.int8 and got.shape[-1] == 2 * want.shape[-1]:
+            q = n.args[0] if n.target is operator.getitem else n  # (the quantizer: its group size)
+            want = (quant.unpack_nibbles(want, q.args[-4]) * 16).to(torch.int8)  # the GEMM operand (x16) form
+            step = 16
+        assert got.shape == want.shape and got.dtype == want.dtype, (n.name, got.shape, want.shape)
+        if want.dtype.is_floating_point:
+            err = ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+            assert err < self.tol, (n.name, err)
+        elif want.numel():  # codes (x16: 16 * code): within one of the reference's, fewer than 0.5% off
+            diff = (got.long() - want.long()).abs()
+            assert int(diff.max()) <= step and float((diff > 0).float().mean()) < 5e-3, (n.name, int(diff.max()))
+        self.checked += 1
+        return want
+
+
+def _assert_layers_match(ref, tri, ids, *cache):
+    """Each layer of ``tri`` node by node against ``ref``'s (teacher-forced, above), on the inputs the reference
+    layer received when ``ref`` ran ``ids`` (with ``cache``: an incremental step on the reference's cache)."""
+    inputs = {}
+    hooks = [gm.register_forward_pre_hook(lambda m, a, i=i: inputs.setdefault(i, copy.deepcopy(a)))
+             for i, gm in enumerate(ref.layers)]
+    with torch.no_grad():
+        ref(ids, *cache)
+    for h in hooks:
+        h.remove()
+    for i, (gr, gt) in enumerate(zip(ref.layers, tri.layers)):
+        want = _Capture(gr)
+        with torch.no_grad():
+            want.run(*copy.deepcopy(inputs[i]))
+            forced = _TeacherForced(gt, want.values, TOL)
+            forced.run(*copy.deepcopy(inputs[i]))
+        assert forced.checked > 10
+
+
+@pytest.mark.parametrize("kv_rotation,channel_order",
+                         [(False, "score"), (True, "score"), (False, "blocks"), (False, "chunks")])
 def test_triton_backend_matches_reference(tiny, device, kv_rotation, channel_order, monkeypatch):
     from atom_compile.runtime_kernels import quantize
 
-    if channel_order == "blocks":  # the tiny model's 64 outliers in 256 channels leave up to ~40% of a normal group
+    if channel_order != "score":  # the tiny model's 64 outliers in 256 channels leave up to ~40% of a normal group
         # swapped: allow that, so that the block kernel is bound (and checked) rather than refused for the gather one
         monkeypatch.setattr(quantize, "BLOCK_MAX_SWAPPED_FRACTION", 0.5)
-    calib = torch.randint(0, 64, (2, 16), device=device)
+    calib = _tokens((2, 16), 1, device)
     cfg = AtomConfig(group_size=64, n_outliers=64, kv_rotation=kv_rotation, channel_order=channel_order)
     ref = atom_compile.compile(tiny, calib, cfg, progress=False, backend="reference")
     # The same compiled model lowered to the kernels. (Two compiles could differ: calibration activations that
@@ -53,21 +134,20 @@ def test_triton_backend_matches_reference(tiny, device, kv_rotation, channel_ord
     assert "16 * code" in configs["input_layernorm_quant"] and "16 * code" in configs["qkv_proj"]
     # 4 quantizers (2 norms, o_proj, down) + 4 GEMMs (qkv_proj, o_proj, gate_up_proj, down_proj)
     assert sum("16 * code" in c for c in configs.values()) == 4 + 4
-    # with channel_order="blocks" the three quantizers that take an order (both norms, o_proj's input) get its plan
+    # with channel_order="blocks" or "chunks" the three quantizers that take an order (both norms, o_proj's input)
+    # get its plan
     blocks = [name for name, c in configs.items() if "channel order in runs" in c]
-    assert len(blocks) == (3 if channel_order == "blocks" else 0), blocks
-    ids = torch.randint(0, 64, (2, 12), device=device)
-    a, b = ref(ids), tri(ids)
-    assert ((a - b).norm() / a.norm()).item() < TOL
-    cache_r, cache_t = ref.new_cache(2, 16), tri.new_cache(2, 16)  # incremental decoding on the kernels too
-    ref(ids[:, :8], cache_r), tri(ids[:, :8], cache_t)
-    a, b = ref(ids[:, 8:9], cache_r), tri(ids[:, 8:9], cache_t)
-    assert ((a - b).norm() / a.norm()).item() < TOL
+    assert len(blocks) == (0 if channel_order == "score" else 3), blocks
+    ids = _tokens((2, 12), 2, device)
+    _assert_layers_match(ref, tri, ids)
+    cache = ref.new_cache(2, 16)  # incremental decoding on the kernels too (on the reference's cache)
+    ref(ids[:, :8], cache)
+    _assert_layers_match(ref, tri, ids[:, 8:9], cache)
 
 
 def test_unsupported_formats_fall_back_to_the_reference(tiny, device):
     cfg = AtomConfig(weight_format="int3", act_format="int3", group_size=64, n_outliers=64, kv_bits=2)
-    q = atom_compile.compile(tiny, torch.randint(0, 64, (2, 16), device=device), cfg, progress=False, backend="triton")
+    q = atom_compile.compile(tiny, _tokens((2, 16), 3, device), cfg, progress=False, backend="triton")
     rows = {row[0]: row for row in q.layers[0].meta["atom.kernel_table"]}
     assert rows["qkv_proj"][2] == "reference:quant_linear_reference" and "int3" in rows["qkv_proj"][3]
     assert rows["attention"][2] == "reference:attention_quant_kv_reference" and "2-bit" in rows["attention"][3]
@@ -76,7 +156,7 @@ def test_unsupported_formats_fall_back_to_the_reference(tiny, device):
 def test_quantizer_keeps_packed_codes_when_a_reader_falls_back(tiny, device):
     """Weights with one scale per 2 rows fall back to the reference GEMM, which reads packed nibbles: the
     quantizers feeding them must then write packed codes, and the model still matches the reference."""
-    calib = torch.randint(0, 64, (2, 16), device=device)
+    calib = _tokens((2, 16), 4, device)
     ref = atom_compile.compile(tiny, calib, AtomConfig(group_size=64, n_outliers=64, weight_channel_group=2),
                                progress=False, backend="reference")
     tri = copy.deepcopy(ref)
@@ -85,16 +165,14 @@ def test_quantizer_keeps_packed_codes_when_a_reader_falls_back(tiny, device):
     rows = {row[0]: row for row in tri.layers[0].meta["atom.kernel_table"]}
     assert rows["qkv_proj"][2] == "reference:quant_linear_reference"
     assert rows["input_layernorm_quant"][2] == "triton:rms_norm_quant" and "16 * code" not in rows["input_layernorm_quant"][3]
-    ids = torch.randint(0, 64, (2, 12), device=device)
-    a, b = ref(ids), tri(ids)
-    assert ((a - b).norm() / a.norm()).item() < TOL
+    _assert_layers_match(ref, tri, _tokens((2, 12), 5, device))
 
 
 def test_runtime_tells_attention_the_shared_cache_length(tiny, device, monkeypatch):
     """The model's forward knows on the host the cache length every sequence held before a multi-token step (0 for
     a prompt's prefill): the Triton attention is told it (its dense prefill path), and None for a decode step or
     unequal lengths."""
-    q = atom_compile.compile(tiny, torch.randint(0, 64, (2, 16), device=device), AtomConfig(group_size=64, n_outliers=64),
+    q = atom_compile.compile(tiny, _tokens((2, 16), 6, device), AtomConfig(group_size=64, n_outliers=64),
                              progress=False, backend="triton")
     seen = []
     kernel = rk.attention_quant_kv
@@ -104,7 +182,7 @@ def test_runtime_tells_attention_the_shared_cache_length(tiny, device, monkeypat
         return kernel(*args, prefix_len=prefix_len, **kw)
 
     monkeypatch.setattr(rk, "attention_quant_kv", spy)
-    ids = torch.randint(0, 64, (2, 12), device=device)
+    ids = _tokens((2, 12), 7, device)
     q(ids)  # no cache given: a fresh one
     cache = q.new_cache(2, 16)
     q(ids[:, :8], cache)  # the prompt
@@ -120,10 +198,10 @@ def test_runtime_tells_attention_the_shared_cache_length(tiny, device, monkeypat
 def test_generate_with_cuda_graph_matches_eager(tiny, device):
     """Decode steps replayed from one CUDA graph produce the tokens of eager decoding, on a batch with sampling
     off; a model with a reference-op fallback is refused with the reason."""
-    q = atom_compile.compile(tiny, torch.randint(0, 64, (2, 16), device=device), AtomConfig(group_size=64, n_outliers=64),
+    q = atom_compile.compile(tiny, _tokens((2, 16), 8, device), AtomConfig(group_size=64, n_outliers=64),
                              progress=False, backend="triton")
     assert q.can_capture_decode() is None
-    ids = torch.randint(0, 64, (3, 5), device=device)
+    ids = _tokens((3, 5), 9, device)
     eager = q.generate(ids, 12, cuda_graph=False)
     graphed = q.generate(ids, 12, cuda_graph=True)
     assert torch.equal(eager, graphed)
@@ -131,7 +209,7 @@ def test_generate_with_cuda_graph_matches_eager(tiny, device):
     ragged = [q.generate(ids, 12, cuda_graph=g, lengths=[5, 2, 4]) for g in (False, True)]
     assert all(torch.equal(a, b) for a, b in zip(*ragged))
     assert [len(r) for r in ragged[0]] == [17, 14, 16]
-    ref = atom_compile.compile(tiny, torch.randint(0, 64, (2, 16), device=device),
+    ref = atom_compile.compile(tiny, _tokens((2, 16), 10, device),
                                AtomConfig(group_size=64, n_outliers=64), progress=False, backend="reference")
     assert "reference ops" in ref.can_capture_decode()
     with pytest.raises(ValueError, match="cannot be captured"):

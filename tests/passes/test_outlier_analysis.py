@@ -1,3 +1,5 @@
+import collections
+
 import pytest
 import torch
 
@@ -116,3 +118,40 @@ def test_block_channel_order():
         assert perm[: K - n] == expected
     with pytest.raises(ValueError, match="groups of 128"):
         block_channel_order(torch.arange(640), 64, 128)
+
+
+def test_chunk_channel_order():
+    """The docstring's example, then random outliers at Llama's and SmolLM2's sizes: a permutation with the same
+    outliers last, whose normal groups are the runs of 16 with the fewest outliers, in ascending order of their
+    best normal channel's score rank, each run's halves at the same positions of the group's two halves, and the
+    runs' outlier positions filled with the normal channels of the runs left over, lowest rank first."""
+    from atom_compile.passes.outlier_analysis import chunk_channel_order
+
+    example = torch.tensor([8, 9, 2, 3, 0, 10, 5, 4, 11, 7, 1, 6])
+    assert chunk_channel_order(example, 4, 4, unit=2).tolist() == [8, 2, 9, 3, 0, 4, 10, 5, 11, 7, 1, 6]
+    u = 16
+    for K, g, n in ((4096, 128, 128), (576, 64, 128), (1536, 128, 128), (576, 64, 0)):
+        score_order = torch.randperm(K, generator=torch.Generator().manual_seed(K + n))
+        perm = chunk_channel_order(score_order, n, g, unit=u)
+        assert sorted(perm.tolist()) == list(range(K)) and perm[K - n:].tolist() == score_order[K - n:].tolist()
+        rank = torch.empty(K, dtype=torch.long)
+        rank[score_order] = torch.arange(K)
+        outliers = set(perm[K - n:].tolist())
+        # back to [runs, unit]: each group's two halves hold a run's first and last 8 at the same positions
+        runs = perm[: K - n].view(-1, 2, g // u, u // 2).transpose(1, 2).reshape(-1, u)
+        starts = []
+        for run in runs.tolist():
+            start = collections.Counter(c - j for j, c in enumerate(run)).most_common(1)[0][0]
+            assert start % u == 0
+            for j, c in enumerate(run):  # a swapped position held an outlier of the run
+                assert c == start + j or (start + j in outliers and c not in outliers)
+            starts.append(start)
+        counts = {r: sum(c in outliers for c in range(r * u, (r + 1) * u)) for r in range(K // u)}
+        kept = sorted(range(K // u), key=lambda r: (counts[r], r))[: (K - n) // u]
+        assert sorted(s // u for s in starts) == sorted(kept)
+        best = [max((int(rank[c]) for c in range(s, s + u) if c not in outliers), default=-1) for s in starts]
+        assert best == sorted(best)
+        fills = [c for r, run in zip(starts, runs.tolist()) for j, c in enumerate(run) if c != r + j]
+        assert [int(rank[c]) for c in fills] == sorted(int(rank[c]) for c in fills)
+    with pytest.raises(ValueError, match="groups of 128"):
+        chunk_channel_order(torch.arange(640), 64, 128)
