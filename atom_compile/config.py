@@ -80,10 +80,13 @@ class AtomConfig:
     n_outliers: int = 128
     outlier_format: str = "int8"
     outlier_metric: str = "hessian"
-    # "score": the normal channels sorted by outlier score (Atom's reorder); "blocks": each normal group one block
-    # of consecutive input channels, its outliers swapped for the leftover blocks' normal channels (the GPU
-    # quantizer then loads groups as contiguous runs instead of gathering every channel; passes/outlier_analysis.py)
-    channel_order: str = "score"
+    # Which normal channels share a group (the outliers are the same and last in every order;
+    # passes/outlier_analysis.py). "chunks" (the default): groups of aligned runs of 16 input channels, the runs
+    # sorted by score (the GPU quantizer loads runs and patches the few swapped-in channels instead of gathering
+    # every channel; where 16 does not divide the group size and the channel count, the score order);
+    # "score": every normal channel sorted by outlier score (Atom's reorder); "blocks": each normal group one block
+    # of consecutive input channels (the fastest to load, the coarsest grouping).
+    channel_order: str = "chunks"
     weight_clip: float = 0.85
     act_clip: float = 0.9
     weight_method: str = "rtn"

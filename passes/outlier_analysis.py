@@ -8,16 +8,22 @@ q/k/v and gate/up, share one order), recorded in meta::
 
     Before: %n = atom.rms_norm(%x, %w, eps, None);  %q = aten.linear(%n, %Wq)  ...
     After:  the same graph, with
-            %n.meta["atom.channel_order"] = perm   # argsort(score) ascending: the n outliers are last
+            %n.meta["atom.channel_order"] = perm   # the n outliers last (argsort(score)'s last n), the normal
+                                                   # channels in groups of score-sorted runs of 16 (see below)
             %n.meta["atom.n_outliers"]    = n      # after the size-adaptation rule of AtomConfig
             gm.meta["atom.outlier_order"] = {"input_layernorm": perm, "attention": ..., ...}
             gm.meta["atom.input_hessians"] = {"input_layernorm": X^T X, ...}     # GPTQ only
 
-With ``channel_order="blocks"`` (AtomConfig) the same outliers go last, but the normal channels are not sorted:
-each normal group is one block of g consecutive input channels (the K_n / g blocks with the fewest outliers), and
-the outlier channels inside those blocks are swapped for the normal channels of the blocks left over
-(``block_channel_order``). The GPU quantizer then loads each group as one contiguous run and fixes up the few
-swapped channels, instead of gathering every channel of the row (runtime_kernels/quantize.py).
+Which normal channels share a group is AtomConfig.channel_order's choice; the outliers are the same in all:
+- ``"chunks"`` (the default): groups made of aligned runs of 16 consecutive input channels, the runs sorted by
+  their best channel's score, the outliers inside kept runs swapped for the normal channels of the runs left over
+  (``chunk_channel_order``; the score order where 16 does not divide the group size and the channel count);
+- ``"score"``: every normal channel sorted by score (argsort(score), Atom's reorder);
+- ``"blocks"``: each normal group one block of g consecutive input channels (the K_n / g blocks with the fewest
+  outliers), with the same swaps (``block_channel_order``).
+For runs and blocks the GPU quantizer loads each group as runs of 16-byte loads and fixes up the few swapped
+channels, instead of gathering every channel of the row (runtime_kernels/quantize.py). On SmolLM2 the chunk order's
+perplexity equals the score order's within the measurement's noise (docs/accuracy.md).
 
 Scores are taken in the input's original channel order: ``hessian`` = sum of x^2 over all calibration
 tokens (the diagonal of X^T X), ``abs_mean`` = mean |x|. When the weights use GPTQ, the same forward
@@ -64,7 +70,17 @@ def block_channel_order(score_order: torch.Tensor, n_outliers: int, group_size: 
     return torch.cat([torch.tensor(normal, dtype=score_order.dtype), outliers])
 
 
-def chunk_channel_order(score_order: torch.Tensor, n_outliers: int, group_size: int, unit: int = 16) -> torch.Tensor:
+CHUNK_RUN = 16  # channels per run of chunk_channel_order (bf16: one 32-byte sector, split over the half groups)
+
+
+def chunk_order_fits(K: int, group_size: int) -> bool:
+    """Whether ``chunk_channel_order`` applies (runs of CHUNK_RUN dividing the group and the channel count);
+    otherwise channel_order="chunks" keeps the score order."""
+    return group_size % CHUNK_RUN == 0 and K % CHUNK_RUN == 0
+
+
+def chunk_channel_order(score_order: torch.Tensor, n_outliers: int, group_size: int,
+                        unit: int = CHUNK_RUN) -> torch.Tensor:
     """A channel order with the same outliers last whose normal groups are made of aligned runs of ``unit``
     consecutive channels sorted by score: between Atom's score order (every channel sorted) and
     ``block_channel_order`` (each group one block of consecutive channels).
@@ -159,7 +175,7 @@ class OutlierAnalysis(AtomPass):
             spec = cfg.resolve(K[name])
             if cfg.channel_order == "blocks" and spec.n_outliers:
                 perm = block_channel_order(perm, spec.n_outliers, spec.group_size)
-            elif cfg.channel_order == "chunks" and spec.n_outliers:
+            elif cfg.channel_order == "chunks" and spec.n_outliers and chunk_order_fits(K[name], spec.group_size):
                 perm = chunk_channel_order(perm, spec.n_outliers, spec.group_size)
             orders[name] = perm
             node = nodes[name]

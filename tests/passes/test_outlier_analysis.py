@@ -53,8 +53,13 @@ def test_records_orders_without_touching_the_graph(layer_graph, make_ctx, real_l
 
 
 def test_scores_match_an_independent_computation(layer_graph, make_ctx, real_layer):
+    from atom_compile.passes.outlier_analysis import chunk_channel_order
+
     sq, ab, _, count = _hf_input_stats(real_layer)
-    gm = OutlierAnalysis(make_ctx("atom-w4a4-rtn")).call(layer_graph).graph_module
+    gm = OutlierAnalysis(make_ctx("atom-w4a4-rtn")).call(layer_graph).graph_module  # (meta set in place)
+    default = {n.name: n.meta["atom.channel_order"] for n in gm.graph.nodes if n.name in INPUTS}
+    score_cfg = make_ctx("atom-w4a4-rtn").config.replace(channel_order="score")
+    gm = OutlierAnalysis(make_ctx(score_cfg)).call(layer_graph).graph_module
     nodes = {n.name: n for n in gm.graph.nodes}
     for name in INPUTS:
         scores = nodes[name].meta["atom.channel_scores"].double()
@@ -64,6 +69,9 @@ def test_scores_match_an_independent_computation(layer_graph, make_ctx, real_lay
         n = nodes[name].meta["atom.n_outliers"]
         top = set(torch.topk(sq[name], n).indices.tolist())
         assert len(top & set(perm[-n:].tolist())) >= n - 1, f"{name}: outlier set differs from the top-{n} channels"
+        # the default (channel_order="chunks"): the same outliers, the normal channels in score-sorted runs of 16
+        g = score_cfg.resolve(perm.numel()).group_size
+        assert torch.equal(default[name], chunk_channel_order(perm, n, g))
 
     cfg = make_ctx("atom-w4a4-rtn").config.replace(outlier_metric="abs_mean")
     gm2 = OutlierAnalysis(make_ctx(cfg)).call(layer_graph).graph_module
