@@ -35,6 +35,12 @@ def _tokens(shape, seed, device):
 # model such a flip carries to a 3e-3 - 5e-2 difference at the output (seen for some inputs, on the code before and
 # after 2026-11-22's chunk order alike: the attention output differed by 2e-7, one o_proj outlier code flipped).
 TOL = 1e-2 if torch.cuda.is_available() else 1e-5
+# Codes that may differ by one from the reference graph's: under the interpreter the quantizers compute the
+# reference's operations (0.5%: rms_norm_quant's statistics, see runtime_kernels/quantize.py); on a GPU the
+# reference graph runs torch's CUDA ops, which divide by a reciprocal where the kernels divide (the kernels are
+# checked against the CPU definition in test_quantize_kernels.py): 8 of 1,536 o_proj outlier codes differed on the
+# H100 (2026-11-22), so 1%.
+CODES_OFF = 1e-2 if torch.cuda.is_available() else 5e-3
 
 
 class _Capture(fx.Interpreter):
@@ -82,9 +88,10 @@ class _TeacherForced(fx.Interpreter):
         if want.dtype.is_floating_point:
             err = ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
             assert err < self.tol, (n.name, err)
-        elif want.numel():  # codes (x16: 16 * code): within one of the reference's, fewer than 0.5% off
+        elif want.numel():  # codes (x16: 16 * code): within one of the reference's, few off (CODES_OFF)
             diff = (got.long() - want.long()).abs()
-            assert int(diff.max()) <= step and float((diff > 0).float().mean()) < 5e-3, (n.name, int(diff.max()))
+            off = int((diff > 0).sum())
+            assert int(diff.max()) <= step and off <= max(2, CODES_OFF * want.numel()), (n.name, int(diff.max()), off)
         self.checked += 1
         return want
 
