@@ -45,6 +45,22 @@ def propagate_shapes(gm: fx.GraphModule, arch, batch: int = 1, seq: int = 4) -> 
         ShapeProp(gm).propagate(hidden, cos, sin, seqlens, *caches)
 
 
+class CaptureValues(fx.Interpreter):
+    """Runs a graph and keeps a detached copy of every call's output by node name (``values``): for comparing two
+    lowerings of one graph node by node (tests/kernels/test_lowering_triton.py, bench/diag_gpu.py)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[str, object] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.op == "call_function":
+            copy = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            self.values[n.name] = tuple(copy(o) for o in out) if isinstance(out, (tuple, list)) else copy(out)
+        return out
+
+
 def op_name(node: fx.Node) -> str:
     if node.op != "call_function":
         return node.op

@@ -4,24 +4,12 @@ import copy
 import sys
 
 import torch
-import torch.fx as fx
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import atom_compile
 from atom_compile import AtomConfig
+from atom_compile.instruments import CaptureValues
 from atom_compile.kv_cache import allocate_layer_cache
-
-
-class Capture(fx.Interpreter):
-    def __init__(self, gm):
-        super().__init__(gm)
-        self.values = {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n.op == "call_function":
-            self.values[n.name] = [o.detach().clone() for o in out] if isinstance(out, (tuple, list)) else [out.detach().clone()]
-        return out
 
 
 def rel(a, b):
@@ -49,13 +37,14 @@ def main(dtype):
     results = []
     for gm in (gm_ref, gm_tri):
         caches = allocate_layer_cache(gm.meta["atom.kv_cache_spec"], 2, 2, 12, dtype, "cuda")
-        c = Capture(gm)
+        c = CaptureValues(gm)
         with torch.no_grad():
             c.run(x, cos, sin, torch.zeros(2, dtype=torch.int32, device="cuda"), *caches)
         results.append(c.values)
     print(f"--- {dtype}: node, rel err per output, fraction of elements that differ")
     for name, outs in results[0].items():
-        errs = [rel(t, r) for t, r in zip(results[1][name], outs)]
+        as_list = lambda v: list(v) if isinstance(v, tuple) else [v]  # noqa: E731
+        errs = [rel(t, r) for t, r in zip(as_list(results[1][name]), as_list(outs)) if isinstance(r, torch.Tensor)]
         print(f"{name:40s} " + "  ".join(f"{e:.2e}/{f:.3f}" for e, f in errs))
 
 

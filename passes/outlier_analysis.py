@@ -39,6 +39,18 @@ import torch.fx as fx
 from .base import AtomPass, PassResult, get_attr_tensor, linear_nodes
 
 
+def _outliers(score_order: torch.Tensor, n_outliers: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outliers (score_order's last n, in that order) and a mask of them over the channels; checks that the
+    normal channels fill whole groups."""
+    K = score_order.numel()
+    if (K - n_outliers) % group_size:
+        raise ValueError(f"{K} channels - {n_outliers} outliers are not groups of {group_size}")
+    outliers = score_order[K - n_outliers:]
+    is_outlier = torch.zeros(K, dtype=torch.bool)
+    is_outlier[outliers] = True
+    return outliers, is_outlier
+
+
 def block_channel_order(score_order: torch.Tensor, n_outliers: int, group_size: int) -> torch.Tensor:
     """A channel order with the same outliers last (the last ``n_outliers`` of ``score_order``, in that order)
     whose normal groups are blocks of ``group_size`` consecutive channels.
@@ -50,12 +62,8 @@ def block_channel_order(score_order: torch.Tensor, n_outliers: int, group_size: 
     [0, 7, 2, 3, 4, 5 | 1, 6].
     """
     K = score_order.numel()
-    if (K - n_outliers) % group_size:
-        raise ValueError(f"{K} channels - {n_outliers} outliers are not groups of {group_size}")
+    outliers, is_outlier = _outliers(score_order, n_outliers, group_size)
     n_groups = (K - n_outliers) // group_size
-    outliers = score_order[K - n_outliers:]
-    is_outlier = torch.zeros(K, dtype=torch.bool)
-    is_outlier[outliers] = True
     n_blocks = K // group_size
     counts = is_outlier[: n_blocks * group_size].view(n_blocks, group_size).sum(1)
     chosen = sorted(sorted(range(n_blocks), key=lambda b: (int(counts[b]), b))[:n_groups])
@@ -101,12 +109,8 @@ def chunk_channel_order(score_order: torch.Tensor, n_outliers: int, group_size: 
     K = score_order.numel()
     if unit % 2 or group_size % unit or K % unit:
         raise ValueError(f"the run of {unit} must be even and divide the group size {group_size} and the {K} channels")
-    if (K - n_outliers) % group_size:
-        raise ValueError(f"{K} channels - {n_outliers} outliers are not groups of {group_size}")
+    outliers, is_outlier = _outliers(score_order, n_outliers, group_size)
     n_keep = (K - n_outliers) // unit
-    outliers = score_order[K - n_outliers:]
-    is_outlier = torch.zeros(K, dtype=torch.bool)
-    is_outlier[outliers] = True
     rank = torch.empty(K, dtype=torch.long)
     rank[score_order] = torch.arange(K)
     n_runs = K // unit

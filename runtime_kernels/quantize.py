@@ -41,9 +41,10 @@ Performance (H100, bf16, 16k x 4096, bench/bench_quantize.py): silu_mul_quant at
 With an arbitrary channel order (Atom's score order) rms_norm_quant 55% and gather_quant 66%: the channel gather
 (``tl.gather``) goes through shared memory with barriers around it (two rows per round trip, see
 _row_gather_quant_kernel), and at ~32 instructions per element and 2 programs per SM the kernel is issue- and
-latency-bound. With an order whose groups are blocks of consecutive channels (``channel_order="blocks"``; pass a
-``BlockPlan`` from ``plan_blocks`` as ``perm``) _row_blocks_quant_kernel loads contiguous runs and patches the few
-swapped channels from a table: 77.2% / 91.7%.
+latency-bound. With an order whose groups are made of runs of consecutive channels (the default
+``channel_order="chunks"``: score-sorted runs of 16; ``"blocks"``: one run per group; pass a ``BlockPlan`` from
+``plan_blocks`` as ``perm``, as the lowering does) _row_blocks_quant_kernel loads the runs and patches the few
+swapped channels from a table: 75.5% / 86.3% (chunks), 78.2% / 91.6% (blocks).
 See docs/performance.md.
 """
 

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import atom_compile
 from atom_compile import AtomConfig, quant
 from atom_compile import runtime_kernels as rk
+from atom_compile.instruments import CaptureValues
 from atom_compile.lowering import relower
 
 
@@ -41,20 +42,6 @@ TOL = 1e-2 if torch.cuda.is_available() else 1e-5
 # checked against the CPU definition in test_quantize_kernels.py): 8 of 1,536 o_proj outlier codes differed on the
 # H100 (2026-11-22), so 1%.
 CODES_OFF = 1e-2 if torch.cuda.is_available() else 5e-3
-
-
-class _Capture(fx.Interpreter):
-    """Runs a layer graph and keeps every call's output by node name."""
-
-    def __init__(self, gm):
-        super().__init__(gm)
-        self.values = {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n.op == "call_function":
-            self.values[n.name] = out
-        return out
 
 
 class _TeacherForced(fx.Interpreter):
@@ -107,7 +94,7 @@ def _assert_layers_match(ref, tri, ids, *cache):
     for h in hooks:
         h.remove()
     for i, (gr, gt) in enumerate(zip(ref.layers, tri.layers)):
-        want = _Capture(gr)
+        want = CaptureValues(gr)
         with torch.no_grad():
             want.run(*copy.deepcopy(inputs[i]))
             forced = _TeacherForced(gt, want.values, TOL)
