@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from atom_compile.passes.outlier_analysis import block_channel_order, chunk_channel_order, chunk_order_fits
 from fake_quant import fake_quant_kv, fake_quant_rows
 
 SHARED_INPUTS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gu",
@@ -104,7 +105,13 @@ def simulate_atom(model, calib_ids, cfg, orders=None, max_layers=None):
             if orders is not None:
                 perm = orders[index][key]
             elif spec.n_outliers:
-                perm = torch.argsort(sq[key], stable=True)
+                perm = torch.argsort(sq[key], stable=True)  # Atom's order: outliers (the top n) last
+                if cfg.channel_order == "chunks" and chunk_order_fits(lin.in_features, spec.group_size):
+                    # which normal channels share a group: the library's run grouping (tested on its own in
+                    # tests/passes/test_outlier_analysis.py) on this independently computed score order
+                    perm = chunk_channel_order(perm, spec.n_outliers, spec.group_size)
+                elif cfg.channel_order == "blocks":
+                    perm = block_channel_order(perm, spec.n_outliers, spec.group_size)
             else:
                 perm = torch.arange(lin.in_features)
             used[index][key] = perm
