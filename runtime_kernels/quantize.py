@@ -669,7 +669,7 @@ class BlockPlan:
     """What ``_row_blocks_quant_kernel`` needs to know about a channel order whose normal groups are made of runs
     of 8 consecutive input channels, 8-aligned, with a few channels swapped in (``plan_blocks``; made once per
     order). Block orders (``channel_order="blocks"``: each group one run of g) and chunk orders
-    (``channel_order="chunks"``: runs of 8 sorted by score) are such orders.
+    (``channel_order="chunks"``: runs of 16 sorted by score, split over the half groups) are such orders.
 
     Tensors on the order's device: ``cols`` int16 [G_PAD * g] the input channel each position loads (its run's
     first channel + position % 8; padded groups 0); ``src`` int16 [Kn] per position 1 + the order's channel where
