@@ -46,13 +46,16 @@ def main() -> None:
     ap.add_argument("revs", nargs="+")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--chunk-units", default="16", help="run lengths of the chunk orders timed, e.g. 16,32")
     args = ap.parse_args()
     M, K, g, n_out = 16384, 4096, 128, 128
     x = _rows(M, K, "cuda", 0)
     w = (torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16)
     perm = block_channel_order(torch.randperm(K, generator=torch.Generator().manual_seed(0)), n_out, g).cuda()
     ident = torch.arange(K, device="cuda")
-    chunks = chunk_channel_order(torch.randperm(K, generator=torch.Generator().manual_seed(0)), n_out, g).cuda()
+    units = [int(u) for u in args.chunk_units.split(",")]
+    chunks = {u: chunk_channel_order(torch.randperm(K, generator=torch.Generator().manual_seed(0)), n_out, g,
+                                     unit=u).cuda() for u in units}
     qa = ("int4", g, n_out, "int8", CLIP)
     copy = copy_bandwidth_gbs(1 << 30)
     nbytes = M * K * 2 + M * (K - n_out) // 2 + M * (K - n_out) // g * 4 + M * n_out + M * 4
@@ -65,10 +68,12 @@ def main() -> None:
                      ("rms_norm_quant, no swap", lambda: q.rms_norm_quant(x, w, EPS, p0, *qa)),
                      ("gather_quant, block order", lambda: q.gather_quant(x, p3, *qa)),
                      ("gather_quant, no swap", lambda: q.gather_quant(x, p0, *qa))]
-            pc = q.plan_blocks(chunks, n_out, g)  # (None before the revisions that take runs of 8)
-            if pc is not None:
-                cases += [("rms_norm_quant, chunk order", lambda: q.rms_norm_quant(x, w, EPS, pc, *qa)),
-                          ("gather_quant, chunk order", lambda: q.gather_quant(x, pc, *qa))]
+            for u, order in chunks.items():
+                pc = q.plan_blocks(order, n_out, g)  # (None before the revisions that take runs of 8)
+                if pc is not None:
+                    name = "chunk order" + ("" if u == 16 else f", runs of {u}")
+                    cases += [(f"rms_norm_quant, {name}", lambda pc=pc: q.rms_norm_quant(x, w, EPS, pc, *qa)),
+                              (f"gather_quant, {name}", lambda pc=pc: q.gather_quant(x, pc, *qa))]
             for name, fn in cases:
                 us = bench_us(fn)
                 pct = 100 * nbytes / (us * 1e-6) / 1e9 / copy
