@@ -91,7 +91,7 @@ CASES = {
 
 # The norm / gather quantizers for the block channel order, as _blocks_launch runs them at 16k x 4096 (bf16, groups
 # of 128, 128 INT8 outliers, one row per program, 4 warps, clip 0.9): no loop, so the whole kernel is counted.
-_Q_PTRS = dict(x_ptr="*bf16", w_ptr="*bf16", base_ptr="*i32", cols_ptr="*i16", src_ptr="*i16", table_ptr="*i32",
+_Q_PTRS = dict(x_ptr="*bf16", w_ptr="*bf16", base_ptr="*i32", starts_ptr="*i32", src_ptr="*i16", table_ptr="*i32",
                outl_ptr="*i32", q_ptr="*i8", s_ptr="*fp32", o_ptr="*i8", os_ptr="*fp32")
 _Q_CONST = dict(X_DTYPE=tl.bfloat16, Y_DTYPE=tl.bfloat16, GROUP=128, N_GROUPS=31, G_PAD=32, N_OUT=128, ROWS=1,
                 NATIVE=True, X16=0, PREFETCH=False, CLAMP_LOW=False, PATCH_PAIRS=2, BLOCKS=True, HI_DELTA=64)

@@ -438,8 +438,22 @@ def _patch_chunks(row_ptr, table_ptr, pos, src_ptr, x_lo, x_hi, valid, HALF: tl.
 
 
 @triton.jit
+def _run_columns(starts_ptr, gi, first_run, GROUP: tl.constexpr, G_PAD: tl.constexpr):
+    """[G_PAD, GROUP / 2] the input channel each position of a half group loads: its run's start (``BlockPlan.
+    run_starts``, runs first_run .. first_run + GROUP / 16 of each group) + position % 8. The starts are loaded as a
+    [G_PAD, GROUP / 16] tile and broadcast over each run's 8 positions, so that a thread loads only the starts of its
+    own runs (H100, 16k x 4096: a per-position table, of which each thread used one entry per run, cost ~3 us more;
+    `bench/adhoc/ncu_cols_vs_blocks.py`)."""
+    HALF: tl.constexpr = GROUP // 2
+    rr = tl.arange(0, HALF // 8)
+    starts = tl.load(starts_ptr + gi[:, None] * (GROUP // 8) + first_run + rr[None, :])
+    cols = tl.reshape(tl.broadcast_to(starts[:, :, None], (G_PAD, HALF // 8, 8)), (G_PAD, HALF))
+    return tl.max_contiguous(tl.multiple_of(cols + tl.arange(0, HALF)[None, :] % 8, [1, 8]), [1, 8])
+
+
+@triton.jit
 def _row_blocks_quant_kernel(
-    x_ptr, w_ptr, base_ptr, cols_ptr, src_ptr, table_ptr, outl_ptr, q_ptr, s_ptr, o_ptr, os_ptr,
+    x_ptr, w_ptr, base_ptr, starts_ptr, src_ptr, table_ptr, outl_ptr, q_ptr, s_ptr, o_ptr, os_ptr,
     M, K, stride_xm, stride_qm, stride_sm, stride_om, stride_osm,
     eps, clip,
     NORM: tl.constexpr, X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr,
@@ -451,7 +465,7 @@ def _row_blocks_quant_kernel(
     input channels (8-aligned) with a few channels swapped in (``BlockPlan``; ``channel_order="blocks"`` and
     ``"chunks"`` make such orders).
 
-    Group g is loaded as GROUP / 8 runs x[cols[g, 8 c] : cols[g, 8 c] + 8] (16-byte loads, no gather; one run of
+    Group g is loaded as GROUP / 8 runs x[s : s + 8], s = run_starts[g * GROUP / 8 + c] (16-byte loads, no gather; one run of
     GROUP for a block order); at the positions where the order takes another channel that channel's value is
     loaded and put in place
     (``_patch_chunks``: from the plan's table, in registers). Everything stays in the tile's layout, where a group
@@ -466,17 +480,16 @@ def _row_blocks_quant_kernel(
     mask2d = gmask[:, None] & (jj[None, :] < HALF)
     pos_lo = gi[:, None] * GROUP + jj[None, :]  # reordered position (the weight and src are there)
     # the input channel each position loads (padded groups: 0, their loads are masked)
-    if BLOCKS:  # each group one run (H100: ~2 us faster than the cols path on the same order, at 16k x 4096)
+    if BLOCKS:  # each group one run (H100: ~2 us faster than the run starts on the same order, at 16k x 4096)
         base = tl.multiple_of(tl.load(base_ptr + gi), GROUP)
         col_lo = base[:, None] + jj[None, :]
         col_hi = col_lo + HALF
-    else:  # runs of 8 from 8-aligned channels
-        col_lo = tl.max_contiguous(tl.multiple_of(tl.load(cols_ptr + pos_lo).to(tl.int32), [1, 8]), [1, 8])
+    else:  # runs of 8 from 8-aligned channels: each thread loads its runs' starts (one 8-byte load for 16 positions)
+        col_lo = _run_columns(starts_ptr, gi, 0, GROUP, G_PAD)
         if HI_DELTA > 0:  # (chunk orders: 8, the second half of a run of 16)
             col_hi = col_lo + HI_DELTA
         else:
-            col_hi = tl.max_contiguous(tl.multiple_of(tl.load(cols_ptr + pos_lo + HALF).to(tl.int32), [1, 8]),
-                                       [1, 8])
+            col_hi = _run_columns(starts_ptr, gi, HALF // 8, GROUP, G_PAD)
     w_lo = 1.0
     w_hi = 1.0
     w_o = 1.0
@@ -671,27 +684,32 @@ class BlockPlan:
     order). Block orders (``channel_order="blocks"``: each group one run of g) and chunk orders
     (``channel_order="chunks"``: runs of 16 sorted by score, split over the half groups) are such orders.
 
-    Tensors on the order's device: ``cols`` int16 [G_PAD * g] the input channel each position loads (its run's
-    first channel + position % 8; padded groups 0); ``src`` int16 [Kn] per position 1 + the order's channel where
-    it is not the run's own, else 0 (the
-    interpreter's and fp32 rows' patch); ``table`` int32, the GPU patch's (``_patch_table``, read by ``_patch_asm``):
+    Tensors on the order's device: ``run_starts`` int32 [G_PAD * g / 8] the first input channel of each run of 8
+    positions (a position loads its run's start + position % 8: ``cols``; padded groups 0); ``src`` int16 [Kn] per
+    position 1 + the order's channel where it is not the run's own, else 0 (the interpreter's and fp32 rows' patch); ``table`` int32, the GPU patch's (``_patch_table``, read by ``_patch_asm``):
     per chunk pair (8 positions of a lo half and the 8 a half group further; pair i * g / 16 + j / 8 for group i,
     position j) a head (count << 16 | where its body is, the first two swaps' channels) and a body (the registers'
     prmt selectors, where its further swaps are listed; slot 0-7: the lo chunk, 8-15: the hi chunk);
     ``outliers`` int32 [n_out] the order's last n_out channels; ``hi_delta``: when every position j + g / 2 loads
     the channel of position j plus one same number (g / 2 for block orders, 8 for chunk orders), that number (the
-    kernel then loads half of ``cols``), else 0; ``base`` int32 [G_PAD] when every group is one run of g
+    kernel then loads the first half's run starts only), else 0; ``base`` int32 [G_PAD] when every group is one run of g
     consecutive channels (block orders; the kernel then loads one start per group), else None."""
 
     K: int
     group_size: int
     n_outliers: int
-    cols: Tensor
+    run_starts: Tensor
     src: Tensor
     table: Tensor
     outliers: Tensor
     hi_delta: int = 0
     base: Tensor | None = None
+
+    @property
+    def cols(self) -> Tensor:
+        """[G_PAD * g] the input channel each position loads (padded groups: 0 + position % 8)."""
+        return (self.run_starts.repeat_interleave(8) + torch.arange(8, device=self.run_starts.device).repeat(
+            len(self.run_starts))).to(torch.int64)
 
     @property
     def n_groups(self) -> int:
@@ -715,7 +733,7 @@ def plan_blocks(perm: Tensor, n_outliers: int, group_size: int, max_swapped: int
     K = p.numel()
     Kn = K - n_outliers
     if group_size % 16 or Kn <= 0 or Kn % group_size or K > 32766:
-        return None  # (the patch works on 8-position chunks of each half group; cols and src are int16)
+        return None  # (the patch works on 8-position chunks of each half group; src and the table are 16-bit)
     G = Kn // group_size
     runs = p[:Kn].view(-1, 8)
     off = runs - torch.arange(8)
@@ -733,8 +751,8 @@ def plan_blocks(perm: Tensor, n_outliers: int, group_size: int, max_swapped: int
         return None
     dev = perm.device
     g_pad = triton.next_power_of_2(G)
-    cols_pad = torch.zeros(g_pad, group_size, dtype=torch.int16)
-    cols_pad[:G] = cols.to(torch.int16)
+    run_starts = torch.zeros(g_pad * group_size // 8, dtype=torch.int32)
+    run_starts[: len(start)] = start.to(torch.int32)
     delta = (cols[:, group_size // 2:] - cols[:, : group_size // 2]).unique()
     hi_delta = int(delta[0]) if len(delta) == 1 and int(delta[0]) > 0 and int(delta[0]) % 8 == 0 else 0
     base = None
@@ -742,7 +760,7 @@ def plan_blocks(perm: Tensor, n_outliers: int, group_size: int, max_swapped: int
         base = torch.zeros(g_pad, dtype=torch.int32)
         base[:G] = cols[:, 0].to(torch.int32)
         base = base.to(dev)
-    return BlockPlan(K=K, group_size=group_size, n_outliers=n_outliers, cols=cols_pad.flatten().to(dev),
+    return BlockPlan(K=K, group_size=group_size, n_outliers=n_outliers, run_starts=run_starts.to(dev),
                      src=torch.where(swapped, blocks + 1, 0).flatten().to(torch.int16).to(dev),
                      table=_patch_table(blocks, swapped, g_pad).to(dev), outliers=p[Kn:].to(torch.int32).to(dev),
                      hi_delta=hi_delta, base=base)
@@ -805,7 +823,8 @@ def _blocks_launch(x2, weight, eps, plan: BlockPlan, K, n_groups, group_size, n_
     if num_warps is None:
         num_warps = max(4, min(8, triton.next_power_of_2(K) // 1024)) if M > num_sms(x2.device) else 8
     _row_blocks_quant_kernel[(triton.cdiv(M, rows_per_program),)](
-        x2, weight if norm else x2, plan.cols if plan.base is None else plan.base, plan.cols, plan.src, plan.table, plan.outliers, q, scales, outl, os_,
+        x2, weight if norm else x2, plan.run_starts if plan.base is None else plan.base, plan.run_starts, plan.src,
+        plan.table, plan.outliers, q, scales, outl, os_,
         M, K, x2.stride(0), q.stride(0), scales.stride(0), outl.stride(0), os_.stride(0),
         float(eps), float(clip),
         NORM=norm, X_DTYPE=_TL_DTYPES[x2.dtype], Y_DTYPE=_TL_DTYPES[ydt], GROUP=group_size, N_GROUPS=n_groups,
