@@ -94,11 +94,11 @@ CASES = {
 _Q_PTRS = dict(x_ptr="*bf16", w_ptr="*bf16", base_ptr="*i32", starts_ptr="*i32", src_ptr="*i16", table_ptr="*i32",
                outl_ptr="*i32", q_ptr="*i8", s_ptr="*fp32", o_ptr="*i8", os_ptr="*fp32")
 _Q_CONST = dict(X_DTYPE=tl.bfloat16, Y_DTYPE=tl.bfloat16, GROUP=128, N_GROUPS=31, G_PAD=32, N_OUT=128, ROWS=1,
-                NATIVE=True, X16=0, PREFETCH=False, CLAMP_LOW=False, PATCH_PAIRS=2, BLOCKS=True, HI_DELTA=64)
+                NATIVE=True, X16=0, PREFETCH=False, CLAMP_LOW=False, PATCH_PAIRS=2, BLOCKS=True)
 QUANTIZER_CASES = {
     "block kernel, rms_norm_quant (one row, whole kernel)": dict(_Q_CONST, NORM=True),
     "block kernel, gather_quant (one row, whole kernel)": dict(_Q_CONST, NORM=False),
-    "block kernel on a chunk order (runs of 16), rms_norm_quant": dict(_Q_CONST, NORM=True, BLOCKS=False, HI_DELTA=8),
+    "block kernel on a chunk order (run starts), rms_norm_quant": dict(_Q_CONST, NORM=True, BLOCKS=False),
 }
 
 

@@ -459,7 +459,7 @@ def _row_blocks_quant_kernel(
     NORM: tl.constexpr, X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr,
     GROUP: tl.constexpr, N_GROUPS: tl.constexpr, G_PAD: tl.constexpr, N_OUT: tl.constexpr,
     ROWS: tl.constexpr, NATIVE: tl.constexpr, X16: tl.constexpr, PREFETCH: tl.constexpr, CLAMP_LOW: tl.constexpr,
-    PATCH_PAIRS: tl.constexpr, BLOCKS: tl.constexpr, HI_DELTA: tl.constexpr,
+    PATCH_PAIRS: tl.constexpr, BLOCKS: tl.constexpr,
 ):
     """rms_norm_quant / gather_quant for a channel order whose normal groups are made of runs of 8 consecutive
     input channels (8-aligned) with a few channels swapped in (``BlockPlan``; ``channel_order="blocks"`` and
@@ -486,10 +486,7 @@ def _row_blocks_quant_kernel(
         col_hi = col_lo + HALF
     else:  # runs of 8 from 8-aligned channels: each thread loads its runs' starts (one 8-byte load for 16 positions)
         col_lo = _run_columns(starts_ptr, gi, 0, GROUP, G_PAD)
-        if HI_DELTA > 0:  # (chunk orders: 8, the second half of a run of 16)
-            col_hi = col_lo + HI_DELTA
-        else:
-            col_hi = _run_columns(starts_ptr, gi, HALF // 8, GROUP, G_PAD)
+        col_hi = _run_columns(starts_ptr, gi, HALF // 8, GROUP, G_PAD)
     w_lo = 1.0
     w_hi = 1.0
     w_o = 1.0
@@ -690,10 +687,8 @@ class BlockPlan:
     per chunk pair (8 positions of a lo half and the 8 a half group further; pair i * g / 16 + j / 8 for group i,
     position j) a head (count << 16 | where its body is, the first two swaps' channels) and a body (the registers'
     prmt selectors, where its further swaps are listed; slot 0-7: the lo chunk, 8-15: the hi chunk);
-    ``outliers`` int32 [n_out] the order's last n_out channels; ``hi_delta``: when every position j + g / 2 loads
-    the channel of position j plus one same number (g / 2 for block orders, 8 for chunk orders), that number (the
-    kernel then loads the first half's run starts only), else 0; ``base`` int32 [G_PAD] when every group is one run of g
-    consecutive channels (block orders; the kernel then loads one start per group), else None."""
+    ``outliers`` int32 [n_out] the order's last n_out channels; ``base`` int32 [G_PAD] when every group is one run
+    of g consecutive channels (block orders; the kernel then loads one start per group), else None."""
 
     K: int
     group_size: int
@@ -702,7 +697,6 @@ class BlockPlan:
     src: Tensor
     table: Tensor
     outliers: Tensor
-    hi_delta: int = 0
     base: Tensor | None = None
 
     @property
@@ -753,8 +747,6 @@ def plan_blocks(perm: Tensor, n_outliers: int, group_size: int, max_swapped: int
     g_pad = triton.next_power_of_2(G)
     run_starts = torch.zeros(g_pad * group_size // 8, dtype=torch.int32)
     run_starts[: len(start)] = start.to(torch.int32)
-    delta = (cols[:, group_size // 2:] - cols[:, : group_size // 2]).unique()
-    hi_delta = int(delta[0]) if len(delta) == 1 and int(delta[0]) > 0 and int(delta[0]) % 8 == 0 else 0
     base = None
     if torch.equal(cols, cols[:, :1] + torch.arange(group_size)) and bool((cols[:, 0] % group_size == 0).all()):
         base = torch.zeros(g_pad, dtype=torch.int32)
@@ -763,7 +755,7 @@ def plan_blocks(perm: Tensor, n_outliers: int, group_size: int, max_swapped: int
     return BlockPlan(K=K, group_size=group_size, n_outliers=n_outliers, run_starts=run_starts.to(dev),
                      src=torch.where(swapped, blocks + 1, 0).flatten().to(torch.int16).to(dev),
                      table=_patch_table(blocks, swapped, g_pad).to(dev), outliers=p[Kn:].to(torch.int32).to(dev),
-                     hi_delta=hi_delta, base=base)
+                     base=base)
 
 
 def _patch_table(blocks: Tensor, swapped: Tensor, g_pad: int) -> Tensor:
@@ -830,7 +822,7 @@ def _blocks_launch(x2, weight, eps, plan: BlockPlan, K, n_groups, group_size, n_
         NORM=norm, X_DTYPE=_TL_DTYPES[x2.dtype], Y_DTYPE=_TL_DTYPES[ydt], GROUP=group_size, N_GROUPS=n_groups,
         G_PAD=triton.next_power_of_2(n_groups), N_OUT=n_out, ROWS=rows_per_program,
         NATIVE=not _interpreting(), X16=_x16_mode(x16), PREFETCH=bool(prefetch), CLAMP_LOW=clip < 0.85,
-        PATCH_PAIRS=_patch_pairs(x2, group_size, n_groups, num_warps), BLOCKS=plan.base is not None, HI_DELTA=plan.hi_delta, num_warps=num_warps,
+        PATCH_PAIRS=_patch_pairs(x2, group_size, n_groups, num_warps), BLOCKS=plan.base is not None, num_warps=num_warps,
         **_EXACT,
         **_maxnreg(maxnreg),
     )

@@ -131,22 +131,28 @@ def test_block_channel_order():
 def test_chunk_channel_order():
     """The docstring's example, then random outliers at Llama's and SmolLM2's sizes: a permutation with the same
     outliers last, whose normal groups are the runs of 16 with the fewest outliers, in ascending order of their
-    best normal channel's score rank, each run's halves at the same positions of the group's two halves, and the
-    runs' outlier positions filled with the normal channels of the runs left over, lowest rank first."""
+    best normal channel's score rank, placed in the group as the docstring says (4 or more runs: in pairs of runs
+    per half group, [a 0-7 | b 0-7 | a 8-15 | b 8-15]; 2 runs: each run's halves at the same positions of the
+    group's two halves), and the runs' outlier positions filled with the normal channels of the runs left over,
+    lowest rank first."""
     from atom_compile.passes.outlier_analysis import chunk_channel_order
 
     example = torch.tensor([8, 9, 2, 3, 0, 10, 5, 4, 11, 7, 1, 6])
     assert chunk_channel_order(example, 4, 4, unit=2).tolist() == [8, 2, 9, 3, 0, 4, 10, 5, 11, 7, 1, 6]
+    assert chunk_channel_order(example, 4, 8, unit=2).tolist() == [8, 2, 9, 3, 0, 4, 10, 5, 11, 7, 1, 6]
     u = 16
-    for K, g, n in ((4096, 128, 128), (576, 64, 128), (1536, 128, 128), (576, 64, 0)):
+    for K, g, n in ((4096, 128, 128), (576, 64, 128), (1536, 128, 128), (576, 64, 0), (1024, 32, 64)):
         score_order = torch.randperm(K, generator=torch.Generator().manual_seed(K + n))
         perm = chunk_channel_order(score_order, n, g, unit=u)
         assert sorted(perm.tolist()) == list(range(K)) and perm[K - n:].tolist() == score_order[K - n:].tolist()
         rank = torch.empty(K, dtype=torch.long)
         rank[score_order] = torch.arange(K)
         outliers = set(perm[K - n:].tolist())
-        # back to [runs, unit]: each group's two halves hold a run's first and last 8 at the same positions
-        runs = perm[: K - n].view(-1, 2, g // u, u // 2).transpose(1, 2).reshape(-1, u)
+        # back to [runs, unit] (the runs of a group in rank order)
+        if g // u >= 4:  # [groups, half groups, pairs, 2 parts, 2 runs, 8]
+            runs = perm[: K - n].view(-1, 2, g // u // 4, 2, 2, u // 2).transpose(3, 4).reshape(-1, u)
+        else:  # [groups, 2 half groups (the parts), runs, 8]
+            runs = perm[: K - n].view(-1, 2, g // u, u // 2).transpose(1, 2).reshape(-1, u)
         starts = []
         for run in runs.tolist():
             start = collections.Counter(c - j for j, c in enumerate(run)).most_common(1)[0][0]
