@@ -442,8 +442,8 @@ def _run_columns(starts_ptr, gi, first_run, GROUP: tl.constexpr, G_PAD: tl.const
     """[G_PAD, GROUP / 2] the input channel each position of a half group loads: its run's start (``BlockPlan.
     run_starts``, runs first_run .. first_run + GROUP / 16 of each group) + position % 8. The starts are loaded as a
     [G_PAD, GROUP / 16] tile and broadcast over each run's 8 positions, so that a thread loads only the starts of its
-    own runs (H100, 16k x 4096: a per-position table, of which each thread used one entry per run, cost ~3 us more;
-    `bench/adhoc/ncu_cols_vs_blocks.py`)."""
+    own runs (H100, 16k x 4096, chunk order: the per-position table this replaced, of which each thread used one
+    entry per run, took 76.2-76.4 us against 75.1-75.5 us; ncu: `bench/adhoc/ncu_cols_vs_blocks/`)."""
     HALF: tl.constexpr = GROUP // 2
     rr = tl.arange(0, HALF // 8)
     starts = tl.load(starts_ptr + gi[:, None] * (GROUP // 8) + first_run + rr[None, :])
@@ -465,10 +465,9 @@ def _row_blocks_quant_kernel(
     input channels (8-aligned) with a few channels swapped in (``BlockPlan``; ``channel_order="blocks"`` and
     ``"chunks"`` make such orders).
 
-    Group g is loaded as GROUP / 8 runs x[s : s + 8], s = run_starts[g * GROUP / 8 + c] (16-byte loads, no gather; one run of
-    GROUP for a block order); at the positions where the order takes another channel that channel's value is
-    loaded and put in place
-    (``_patch_chunks``: from the plan's table, in registers). Everything stays in the tile's layout, where a group
+    Group g is loaded as GROUP / 8 runs x[s : s + 8], s = run_starts[g * GROUP / 8 + c] (16-byte loads, no gather;
+    one run of GROUP for a block order); at the positions where the order takes another channel that channel's value
+    is loaded and put in place (``_patch_chunks``: from the plan's table, in registers). Everything stays in the tile's layout, where a group
     sits in one warp, so the group maxima need no shared memory. Programs take ROWS consecutive rows (with
     PREFETCH the next row's runs are loaded before the current one is processed). Grid: (cdiv(M, ROWS),).
     """
@@ -480,7 +479,7 @@ def _row_blocks_quant_kernel(
     mask2d = gmask[:, None] & (jj[None, :] < HALF)
     pos_lo = gi[:, None] * GROUP + jj[None, :]  # reordered position (the weight and src are there)
     # the input channel each position loads (padded groups: 0, their loads are masked)
-    if BLOCKS:  # each group one run (H100: ~2 us faster than the run starts on the same order, at 16k x 4096)
+    if BLOCKS:  # each group one run: one start per group (the per-position table this path predates cost ~2 us)
         base = tl.multiple_of(tl.load(base_ptr + gi), GROUP)
         col_lo = base[:, None] + jj[None, :]
         col_hi = col_lo + HALF
