@@ -467,8 +467,8 @@ def _row_blocks_quant_kernel(
 
     Group g is loaded as GROUP / 8 runs x[s : s + 8], s = run_starts[g * GROUP / 8 + c] (16-byte loads, no gather;
     one run of GROUP for a block order); at the positions where the order takes another channel that channel's value
-    is loaded and put in place (``_patch_chunks``: from the plan's table, in registers). Everything stays in the tile's layout, where a group
-    sits in one warp, so the group maxima need no shared memory. Programs take ROWS consecutive rows (with
+    is loaded and put in place (``_patch_chunks``: from the plan's table, in registers). Everything stays in the
+    tile's layout, where a group sits in one warp, so the group maxima need no shared memory. Programs take ROWS consecutive rows (with
     PREFETCH the next row's runs are loaded before the current one is processed). Grid: (cdiv(M, ROWS),).
     """
     HALF: tl.constexpr = GROUP // 2
@@ -678,11 +678,12 @@ class BlockPlan:
     """What ``_row_blocks_quant_kernel`` needs to know about a channel order whose normal groups are made of runs
     of 8 consecutive input channels, 8-aligned, with a few channels swapped in (``plan_blocks``; made once per
     order). Block orders (``channel_order="blocks"``: each group one run of g) and chunk orders
-    (``channel_order="chunks"``: runs of 16 sorted by score, split over the half groups) are such orders.
+    (``channel_order="chunks"``: runs of 16 sorted by score, in lane pairs inside each group) are such orders.
 
     Tensors on the order's device: ``run_starts`` int32 [G_PAD * g / 8] the first input channel of each run of 8
     positions (a position loads its run's start + position % 8: ``cols``; padded groups 0); ``src`` int16 [Kn] per
-    position 1 + the order's channel where it is not the run's own, else 0 (the interpreter's and fp32 rows' patch); ``table`` int32, the GPU patch's (``_patch_table``, read by ``_patch_asm``):
+    position 1 + the order's channel where it is not the run's own, else 0 (the interpreter's and fp32 rows' patch);
+    ``table`` int32, the GPU patch's (``_patch_table``, read by ``_patch_asm``):
     per chunk pair (8 positions of a lo half and the 8 a half group further; pair i * g / 16 + j / 8 for group i,
     position j) a head (count << 16 | where its body is, the first two swaps' channels) and a body (the registers'
     prmt selectors, where its further swaps are listed; slot 0-7: the lo chunk, 8-15: the hi chunk);
