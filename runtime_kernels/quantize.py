@@ -468,8 +468,9 @@ def _row_blocks_quant_kernel(
     Group g is loaded as GROUP / 8 runs x[s : s + 8], s = run_starts[g * GROUP / 8 + c] (16-byte loads, no gather;
     one run of GROUP for a block order); at the positions where the order takes another channel that channel's value
     is loaded and put in place (``_patch_chunks``: from the plan's table, in registers). Everything stays in the
-    tile's layout, where a group sits in one warp, so the group maxima need no shared memory. Programs take ROWS consecutive rows (with
-    PREFETCH the next row's runs are loaded before the current one is processed). Grid: (cdiv(M, ROWS),).
+    tile's layout, where a group sits in one warp, so the group maxima need no shared memory. Programs take ROWS
+    consecutive rows (with PREFETCH the next row's runs are loaded before the current one is processed).
+    Grid: (cdiv(M, ROWS),).
     """
     HALF: tl.constexpr = GROUP // 2
     pid = tl.program_id(0)
@@ -822,7 +823,8 @@ def _blocks_launch(x2, weight, eps, plan: BlockPlan, K, n_groups, group_size, n_
         NORM=norm, X_DTYPE=_TL_DTYPES[x2.dtype], Y_DTYPE=_TL_DTYPES[ydt], GROUP=group_size, N_GROUPS=n_groups,
         G_PAD=triton.next_power_of_2(n_groups), N_OUT=n_out, ROWS=rows_per_program,
         NATIVE=not _interpreting(), X16=_x16_mode(x16), PREFETCH=bool(prefetch), CLAMP_LOW=clip < 0.85,
-        PATCH_PAIRS=_patch_pairs(x2, group_size, n_groups, num_warps), BLOCKS=plan.base is not None, num_warps=num_warps,
+        PATCH_PAIRS=_patch_pairs(x2, group_size, n_groups, num_warps), BLOCKS=plan.base is not None,
+        num_warps=num_warps,
         **_EXACT,
         **_maxnreg(maxnreg),
     )
