@@ -443,7 +443,7 @@ def _run_columns(starts_ptr, gi, first_run, GROUP: tl.constexpr, G_PAD: tl.const
     run_starts``, runs first_run .. first_run + GROUP / 16 of each group) + position % 8. The starts are loaded as a
     [G_PAD, GROUP / 16] tile and broadcast over each run's 8 positions, so that a thread loads only the starts of its
     own runs (H100, 16k x 4096, chunk order: the per-position table this replaced, of which each thread used one
-    entry per run, took 76.2-76.4 us against 75.1-75.5 us; ncu: `bench/adhoc/ncu_cols_vs_blocks/`)."""
+    entry per run, took 76.2-76.7 us against 75.1-75.5 us; ncu: `bench/adhoc/ncu_cols_vs_blocks/`)."""
     HALF: tl.constexpr = GROUP // 2
     rr = tl.arange(0, HALF // 8)
     starts = tl.load(starts_ptr + gi[:, None] * (GROUP // 8) + first_run + rr[None, :])
