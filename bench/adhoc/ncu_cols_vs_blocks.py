@@ -1,14 +1,17 @@
 """One rms_norm_quant launch (16k x 4096 bf16, random outliers) of the block kernel on three paths, for ncu:
 
     blocks       the block order, one start per group (BLOCKS)
-    blocks_cols  the same order through the cols table (hi = lo + g/2), as the chunk order loads
-    chunks       the chunk order (the default), cols table with hi = lo + 8
+    blocks_cols  the same order through the path chunk orders take (plan.base dropped)
+    chunks       the chunk order (the default)
 
     ncu --set full -k regex:_row_blocks --launch-skip 3 --launch-count 1 \\
         python bench/adhoc/ncu_cols_vs_blocks.py CASE
 
 The question (docs/performance.md): why the cols path costs ~2 us over one start per group on the same order.
-Without ncu it prints the three cases' times (CUDA graphs, medians)."""
+Without ncu it prints the three cases' times (CUDA graphs, medians). The outputs in ncu_cols_vs_blocks/:
+``ncu_before_*`` ran 74c71f0's kernel (a per-position int16 cols table; the chunk order with each run over both
+half groups, hi = lo + 8), ``ncu_run_starts_*`` 2f39956's (run starts, the same chunk order). Since 4bab474 the
+chunk order places its runs in lane pairs, so ``chunks`` times that."""
 
 import dataclasses
 import sys

@@ -8,7 +8,8 @@ file. The comparisons behind docs/performance.md's "How the patch went from 85 t
 
 3867e14: the per-position patch; 29c6744: the table patch (outlier load before it); 440d8eb: + the sum of squares
 as an FMA; 874b6a1: + a padded group's scale dividing 1. Revisions whose plan_blocks takes runs of 8 (chunk orders,
-``channel_order="chunks"``) are also timed on a chunk order.
+``channel_order="chunks"``) are also timed on a chunk order (the library's current
+one: outputs made before 4bab474 timed its earlier placement, each run over both half groups; since then lane pairs).
 """
 
 import argparse
